@@ -1,0 +1,104 @@
+"""Atomic, resumable checkpoints.
+
+`<run>/checkpoints/step-0000200/` holds the DeepSpeed engine state (weights, optimizer, loss scaler,
+lr schedule) under `engine/`, and `harness.pt` (every EMA, the method's state, step, data position,
+counters) plus one `rng-rank<k>.pt` per rank. It is written under a temporary name and renamed when
+complete; the loader takes the newest readable one and falls back to older ones with a warning.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from harness import engine as eng
+
+log = logging.getLogger(__name__)
+_NAME = re.compile(r"^step-(\d{7,})$")
+_TMP_PREFIX = ".tmp-"
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, newest first."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_tree(path: Path) -> None:
+    for f in path.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def save(engine, run_dir: Path, step: int, state: dict[str, Any], rank: int, keep: int) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint path."""
+    root = checkpoint_dir(run_dir)
+    final = root / f"step-{step:07d}"
+    tmp = root / f"{_TMP_PREFIX}{final.name}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    eng.barrier()
+    engine.save_checkpoint(str(tmp), tag="engine", save_latest=False)
+    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+    eng.barrier()
+    if rank == 0:
+        torch.save(state, tmp / "harness.pt")
+        _fsync_tree(tmp)
+        if final.exists():            # re-saving the same step (e.g. final == periodic): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(run_dir)[keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+    eng.barrier()
+    return final
+
+
+def load_latest(engine, run_dir: Path, rank: int,
+                apply_state: Callable[[dict[str, Any]], None]) -> dict[str, Any] | None:
+    """Restore the newest readable checkpoint into the engine and hand its harness state to
+    `apply_state`; returns that state, or None when there is nothing to resume."""
+    for path in list_checkpoints(run_dir):
+        try:
+            state = torch.load(path / "harness.pt", map_location="cpu", weights_only=False)
+            rng_file = path / f"rng-rank{rank}.pt"
+            rng = torch.load(rng_file, weights_only=False) if rng_file.exists() else None
+            loaded, _ = engine.load_checkpoint(str(path), tag="engine")
+            if loaded is None:
+                raise RuntimeError("DeepSpeed found no engine state")
+            apply_state(state)
+        except Exception as exc:   # unreadable: fall back to the one before it
+            log.warning("checkpoint %s is unreadable (%s: %s); trying the previous one",
+                        path, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            continue
+        if rng is not None:
+            set_rng_state(rng)
+        return state
+    return None

@@ -1,0 +1,165 @@
+"""The DeepSpeed engine and torch.distributed: the only module that imports either.
+
+`deepspeed.initialize` owns the optimizer step, gradient clipping, the ZeRO stage and mixed
+precision (fp16 with dynamic loss scaling, bf16, fp32). Processes are started by torchrun, by
+SLURM (srun / submitit), or as a single process, which gets a private loopback rendezvous.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _export_slurm_env() -> None:
+    """Map SLURM's task variables to torch.distributed's (for srun-started multi-task jobs)."""
+    env = os.environ
+    env["RANK"] = env["SLURM_PROCID"]
+    env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in env:
+        nodes = env.get("SLURM_JOB_NODELIST", "")
+        try:
+            first = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True,
+                                   text=True, check=True).stdout.split()[0]
+        except (OSError, subprocess.CalledProcessError, IndexError):
+            first = env.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1")
+        env["MASTER_ADDR"] = first
+    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+
+
+def setup_distributed(device: str = "auto") -> DistInfo:
+    """Initialize torch.distributed (gloo on CPU, nccl on CUDA) from torchrun's or SLURM's environment."""
+    import deepspeed
+    import torch.distributed as dist
+
+    env = os.environ
+    if "RANK" not in env and int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        _export_slurm_env()
+    if "RANK" not in env:   # a lone process: a private rendezvous, so parallel runs never collide
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(_free_port()))
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    local_rank = int(env.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo",
+                                   auto_mpi_discovery=False, verbose=False)
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def make_optimizer(params, t) -> torch.optim.Optimizer:
+    kwargs = dict(lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}[t.optimizer]
+    return cls(params, **kwargs)
+
+
+def lr_factor(step: int, t) -> float:
+    """Multiplier of trainer.lr at optimizer step `step` [EDM2 eq. 16 for inverse_sqrt]."""
+    factor = 1.0
+    if t.lr_schedule == "inverse_sqrt":
+        factor /= max(step / t.lr_ref_steps, 1.0) ** 0.5
+    if t.lr_warmup_steps > 0:
+        factor *= min(step / t.lr_warmup_steps, 1.0)
+    return factor
+
+
+def deepspeed_config(t, precision: str, world_size: int) -> dict:
+    if t.batch_size % world_size:
+        raise ValueError(f"trainer.batch_size={t.batch_size} is not divisible by the {world_size} ranks")
+    return {
+        "train_batch_size": t.batch_size,
+        "train_micro_batch_size_per_gpu": t.batch_size // world_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": float(t.grad_clip),
+        "zero_optimization": {"stage": int(t.zero_stage)},
+        "zero_allow_untested_optimizer": True,        # torch optimizers (RAdam etc.) under ZeRO
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0,          # 0 = dynamic scaling
+                 "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
+                 "min_loss_scale": 1},
+        "bf16": {"enabled": precision == "bf16"},
+        "steps_per_print": 2 ** 62,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(net: torch.nn.Module, t, precision: str, world_size: int):
+    """Wrap the network: returns the DeepSpeed engine (optimizer and lr schedule inside)."""
+    import deepspeed
+
+    optimizer = make_optimizer(net.parameters(), t)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, t))
+    engine, _, _, _ = deepspeed.initialize(model=net, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(t, precision, world_size),
+                                           dist_init_required=False)
+    return engine
+
+
+def all_finite(value: torch.Tensor) -> bool:
+    """True when the value is finite on every rank (so all ranks skip a bad step together)."""
+    import torch.distributed as dist
+
+    ok = torch.isfinite(value.detach()).all().to(torch.float32).reshape(1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj):
+    import torch.distributed as dist
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    import torch.distributed as dist
+    if not (dist.is_initialized() and dist.get_world_size() > 1) or not values:
+        return values
+    keys = sorted(values)
+    buf = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(buf)
+    buf /= dist.get_world_size()
+    return dict(zip(keys, buf.tolist()))
+
+
+def destroy() -> None:
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()

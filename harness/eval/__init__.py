@@ -1,0 +1,1 @@
+"""Evaluation: sampling with each EMA and scoring against held-out data."""

@@ -1,0 +1,227 @@
+"""One training loop for every method, on the DeepSpeed engine.
+
+The trainer adds what DeepSpeed lacks: EMAs, exact resume, per-step seeding, non-finite handling,
+FLOP / throughput accounting and logging. It never mentions a method by name.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.flop_counter import FlopCounterMode
+
+import methods
+from harness import checkpoint, engine as eng
+from harness.data import load_dataset
+from harness.ema import make_emas
+from harness.eval.grid import save_grid
+from harness.eval.score import generate, score
+from harness.nets import build_net, count_params
+from harness.rundir import RunDir
+from harness.seeding import EpochSampler, seed_step
+from methods.base import StepContext
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class Counters:
+    """Progress that a checkpoint must carry besides the weights."""
+    step: int = 0                 # completed optimizer steps (also the data position: batches consumed)
+    nonfinite_total: int = 0      # steps skipped for a non-finite loss
+    nonfinite_run: int = 0        # ... in a row, right now
+    flops_total: float = 0.0      # counted training FLOPs, all ranks
+    flops_per_step: float = 0.0
+    train_sec: float = 0.0        # wall time spent in training steps
+    evals: list = field(default_factory=list)
+
+
+def method_config(cfg: DictConfig):
+    """The method's typed config object (its dataclass), from the resolved config."""
+    return OmegaConf.to_object(cfg.method)
+
+
+def load_run_net(run_dir: str, ema_name: str, cfg: DictConfig) -> tuple[dict[str, torch.Tensor], str]:
+    """EMA weights of another finished run (init_from / teacher), checked for a compatible net and data."""
+    src = RunDir(run_dir)
+    if not src.config_path.exists():
+        raise ValueError(f"{run_dir} is not a run directory (no config.yaml)")
+    other = src.load_config()
+    for key in ("model", "data"):
+        mine = OmegaConf.to_container(cfg[key], resolve=True)
+        theirs = OmegaConf.to_container(other[key], resolve=True)
+        mine.pop("path", None), theirs.pop("path", None)
+        if key == "model":   # dropout and attention backend may differ between teacher and student
+            for k in ("dropout", "attention"):
+                mine.pop(k, None), theirs.pop(k, None)
+        if mine != theirs:
+            raise ValueError(f"{run_dir} was trained with a different {key} ({theirs} vs {mine})")
+    ckpts = checkpoint.list_checkpoints(src.path)
+    if not ckpts:
+        raise ValueError(f"{run_dir} has no checkpoint to start from")
+    state = torch.load(ckpts[0] / "harness.pt", map_location="cpu", weights_only=False)
+    name = ema_name or next(iter(state["emas"]))
+    if name not in state["emas"]:
+        raise ValueError(f"{run_dir} has no EMA '{name}'; it has {', '.join(state['emas'])}")
+    return state["emas"][name], name
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, run: RunDir, dist: eng.DistInfo):
+        self.cfg, self.run, self.dist = cfg, run, dist
+        t = cfg.trainer
+        self.device = dist.device
+        self.precision = eng.resolve_precision(t.precision, self.device)
+        torch.manual_seed(cfg.seed)                                   # network initialization
+        self.data = load_dataset(cfg.data)
+        self.x = self.data.x.to(self.device)
+        self.y = self.data.y.to(self.device) if self.data.y is not None else None
+        self.sampler = EpochSampler(len(self.x), cfg.seed)
+        net = build_net(cfg.model, self.data.shape, self.data.num_classes).to(self.device)
+        if cfg.init_from:
+            weights, _ = load_run_net(cfg.init_from, cfg.init_ema, cfg)
+            net.load_state_dict(weights)
+        self.method = methods.get(cfg.method.name)(method_config(cfg), self.data.shape, self.data.num_classes)
+        self.teacher = self._load_teacher() if cfg.teacher else None
+        self.emas = make_emas(net, t.ema_betas, t.ema_stds)
+        self.engine = eng.build_engine(net, t, self.precision, dist.world_size)
+        self.counters = Counters()
+        self.num_params = count_params(net)
+
+    def _load_teacher(self) -> torch.nn.Module:
+        cfg = self.cfg
+        teacher_cfg = RunDir(cfg.teacher).load_config()
+        weights, _ = load_run_net(cfg.teacher, "", cfg)
+        net = build_net(teacher_cfg.model, self.data.shape, self.data.num_classes)
+        net.load_state_dict(weights)
+        return net.to(self.device).eval().requires_grad_(False)
+
+    # -- state ---------------------------------------------------------------------------------
+    def harness_state(self) -> dict[str, Any]:
+        return {"counters": vars(self.counters).copy(), "method": self.method.state_dict(),
+                "emas": {e.name: e.state_dict() for e in self.emas}}
+
+    def apply_state(self, state: dict[str, Any]) -> None:
+        self.counters = Counters(**state["counters"])
+        self.method.load_state_dict(state["method"])
+        for e in self.emas:
+            e.load_state_dict(state["emas"][e.name])
+
+    def resume(self) -> bool:
+        state = checkpoint.load_latest(self.engine, self.run.path, self.dist.rank, self.apply_state)
+        if state is None:
+            return False
+        log.info("resumed from step %d", self.counters.step)
+        return True
+
+    def save(self) -> None:
+        for p in self.engine.module.parameters():        # never write NaN weights
+            if not torch.isfinite(p).all():
+                raise NonFiniteLoss("non-finite weights")
+        checkpoint.save(self.engine, self.run.path, self.counters.step, self.harness_state(),
+                        self.dist.rank, self.cfg.trainer.keep_checkpoints)
+
+    # -- one step ------------------------------------------------------------------------------
+    def batch(self, step: int) -> dict[str, torch.Tensor | None]:
+        idx = self.sampler.batch(step, self.cfg.trainer.batch_size, self.dist.rank, self.dist.world_size)
+        idx = idx.to(self.device)
+        return {"x": self.x[idx], "y": self.y[idx] if self.y is not None else None}
+
+    def step(self, step: int) -> dict[str, float] | None:
+        """One optimizer step; returns the logged scalars, or None when skipped (non-finite loss)."""
+        gen = seed_step(self.cfg.seed, step, self.dist.rank, self.device)
+        ctx = StepContext(net=self.engine, net_nograd=self.engine.module, teacher=self.teacher,
+                          step=step, total_steps=self.cfg.trainer.steps, generator=gen)
+        counting = self.counters.flops_per_step == 0.0
+        with FlopCounterMode(display=False) if counting else nullcontext() as fc:
+            out = self.method.loss(ctx, self.batch(step))
+            loss = out["loss"]
+            if not eng.all_finite(loss):
+                return self._skip_nonfinite()
+            self.engine.backward(loss)
+        if counting:
+            self.counters.flops_per_step = float(fc.get_total_flops()) * self.dist.world_size
+        self.engine.step()
+        for e in self.emas:
+            e.update(self.engine.module, step)
+        self.counters.nonfinite_run = 0
+        return {k: float(v) for k, v in out.items()}
+
+    def _skip_nonfinite(self) -> None:
+        c = self.counters
+        c.nonfinite_total += 1
+        c.nonfinite_run += 1
+        self.engine.zero_grad()
+        if c.nonfinite_run >= self.cfg.trainer.max_nonfinite_steps:
+            raise NonFiniteLoss(f"non-finite loss ({c.nonfinite_run} steps in a row)")
+        return None
+
+    # -- the loop ------------------------------------------------------------------------------
+    def train(self) -> None:
+        t, c = self.cfg.trainer, self.counters
+        acc: dict[str, float] = {}
+        n_acc, step_secs = 0, []
+        while c.step < t.steps:
+            tic = time.perf_counter()
+            scalars = self.step(c.step)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - tic
+            c.train_sec += dt
+            step_secs.append(dt)
+            c.step += 1
+            if scalars is not None:
+                c.flops_total += c.flops_per_step
+                n_acc += 1
+                for k, v in scalars.items():
+                    acc[k] = acc.get(k, 0.0) + v
+            if c.step % t.log_every_steps == 0 or c.step == t.steps:
+                self._log(acc, n_acc, step_secs)
+                acc, n_acc, step_secs = {}, 0, []
+            if self.cfg.eval.every_steps and c.step % self.cfg.eval.every_steps == 0 and c.step < t.steps:
+                self.evaluate(final=False)
+            if t.grid_every_steps and c.step % t.grid_every_steps == 0 and self.dist.rank == 0:
+                self.grid(f"grid_step{c.step:07d}.png")
+            if c.step % t.checkpoint_every_steps == 0 and c.step < t.steps:
+                self.save()
+
+    def _log(self, acc: dict[str, float], n: int, step_secs: list[float]) -> None:
+        means = eng.mean_over_ranks({k: v / n for k, v in acc.items()}) if n else {}
+        if self.dist.rank != 0:
+            return
+        c, t = self.counters, self.cfg.trainer
+        sec = sum(step_secs) / max(len(step_secs), 1)
+        self.run.log({"step": c.step, "nimg": c.step * t.batch_size, **means,
+                      "time/step_sec": sec, "time/images_per_sec": t.batch_size / sec if sec else 0.0,
+                      "time/train_sec": c.train_sec, "flops/train_total": c.flops_total,
+                      "lr": self.engine.get_lr()[0], "nonfinite/skipped_total": c.nonfinite_total})
+
+    # -- sampling and scores -------------------------------------------------------------------
+    def ema_nets(self) -> dict[str, torch.nn.Module]:
+        return {e.name: e.module for e in self.emas} or {"net": self.engine.module}
+
+    def grid(self, name: str, steps: int = 2) -> None:
+        name_ema, net = next(iter(self.ema_nets().items()))
+        x = generate(self.method, net, 100, steps, self.data.shape, self.data.num_classes,
+                     self.cfg.eval.seed, 100, self.device)
+        save_grid(x.clamp(-1, 1), self.run.path / name)
+
+    def evaluate(self, final: bool) -> list[dict]:
+        records = []
+        if self.dist.rank == 0:
+            records = score(self.method, self.ema_nets(), self.data, self.cfg.eval, self.device,
+                            self.counters.step, grid_dir=self.run.path if final else None)
+            for r in records:
+                self.run.log({"step": self.counters.step, **{f"eval/{k}": v for k, v in r.items()}})
+            self.counters.evals.extend(records)
+        eng.barrier()
+        return records

@@ -1,0 +1,88 @@
+"""The method contract and the step context the trainer hands to a method."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass
+class StepContext:
+    """Everything a method may use for one training step (built by the trainer)."""
+
+    net: Callable[..., Any]        # training module: call it for every output that needs gradients
+    net_nograd: nn.Module          # the same weights, unwrapped: for targets and JVPs under no_grad
+    teacher: nn.Module | None      # frozen teacher (eval mode) for distillation methods, else None
+    step: int                      # optimizer step being computed, 0-based
+    total_steps: int               # trainer.steps of the run
+    generator: torch.Generator     # seeded from (seed, step, rank): all of the method's own randomness
+
+    def rng_state(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Snapshot of the global RNG that dropout draws from (replay it for the same dropout mask)."""
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        return torch.get_rng_state(), cuda
+
+    def set_rng_state(self, state: tuple[torch.Tensor, list[torch.Tensor]]) -> None:
+        cpu, cuda = state
+        torch.set_rng_state(cpu)
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.randn(x.shape, generator=self.generator, device=x.device, dtype=torch.float32)
+
+    def randn(self, *shape: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        return torch.randn(shape, generator=self.generator, device=device, dtype=torch.float32)
+
+    def rand(self, *shape: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        return torch.rand(shape, generator=self.generator, device=device, dtype=torch.float32)
+
+
+class Method:
+    """Base class. Subclasses set `Config` (a dataclass with a `preset` field) and `PRESETS`."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    # preset name -> field overrides, applied over the Config defaults ("auto" picks by dataset).
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+    # The method needs a frozen teacher run (`teacher=RUN_DIR`).
+    needs_teacher: ClassVar[bool] = False
+
+    def __init__(self, cfg, data_shape: tuple[int, ...], num_classes: int):
+        self.cfg = cfg
+        self.data_shape = tuple(data_shape)
+        self.num_classes = num_classes
+
+    @classmethod
+    def preset_for(cls, dataset: str) -> str:
+        """The preset `preset=auto` resolves to for a dataset."""
+        return dataset if dataset in cls.PRESETS else "tiny"
+
+    def loss(self, ctx: StepContext, batch: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+        """Return {"loss": scalar tensor with grad, other scalars to log...}."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(self, net: nn.Module, noise: torch.Tensor, steps: int,
+               class_labels: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Map N(0, I) noise to data in `steps` network evaluations (or sampler steps)."""
+        raise NotImplementedError
+
+    def nfe(self, steps: int) -> int:
+        """Network evaluations used by `sample(..., steps)`."""
+        return steps
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"method {self.name} has no state but the checkpoint holds {sorted(state)}")
+
+
+def config_fields(cfg) -> dict[str, Any]:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}

@@ -1,0 +1,100 @@
+"""ECT, Easy Consistency Tuning (Geng et al. 2024): consistency tuning from a diffusion model."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from methods import register
+from methods.base import Method, StepContext
+from methods.common import adaptive_distance, check_choice, lognormal_t, weighting, WEIGHTINGS
+from methods.parameterization import EDMParam, _col
+from methods.sampling import consistency_sample, consistency_times
+
+MAPPINGS = ("sigmoid", "const")
+
+
+@dataclass
+class ECTConfig:
+    name: str = "ect"
+    preset: str = "auto"            # auto | tiny | cifar10 | imagenet64
+    sigma_data: float = 0.5         # ECT App. C
+    p_mean: float = -1.1            # ECT Table 7, CIFAR-10
+    p_std: float = 2.0
+    q: float = 2.0                  # Delta t shrink factor per stage [ECT App. B]
+    stages: int = 8                 # d = steps / stages when stage_steps = 0 [ECT App. B: total/8 on CIFAR-10]
+    stage_steps: int = 0            # d, steps per stage; 0 = trainer steps // stages
+    stage_offset: int = 1           # a = floor(step/d) + offset: 1 when tuning from a DM [spec A1, ECT code]
+    k: float = 8.0                  # n(t) = 1 + k sigmoid(-b t) [ECT eq. 15]
+    b: float = 1.0
+    mapping: str = "sigmoid"        # sigmoid: n(t) as above; const: n(t) = 1 [ECT eq. 17]
+    huber_c: float = 0.0            # adaptive weighting smoothing c [ECT Table 7]
+    adaptive_p: float = 0.5         # w(Delta) = 1/(||Delta||^2 + c^2)^p; 0.5 = pseudo-Huber [ECT eq. 16]
+    weighting: str = "inv_dt"       # wbar(t, r) [ECT Table 7: 1/(t - r) on CIFAR-10]
+    delta: float = 0.0              # only for weighting inv_dt_delta
+    shared_dropout_mask: bool = True  # target pass replays the student's dropout mask [ECT code]
+    sigma_max: float = 80.0         # T, first sampling time [ECT code]
+    mid_t: list[float] = field(default_factory=lambda: [0.821])   # 2-step mid-point [iCT; ECT App. C]
+    eval_shift_sigma_min: float = 0.0   # CIFAR code's shifted c_skip/c_out at sampling (0.003), 0 = off [spec 1.1]
+
+
+@register("ect")
+class ECT(Method):
+    Config = ECTConfig
+    PRESETS = {
+        "cifar10": {},
+        "imagenet64": {   # ECT Table 7, ECM-S..XL; App. B (q = 4, d = total/4)
+            "p_mean": -0.8, "p_std": 1.6, "q": 4.0, "stages": 4, "huber_c": 0.06,
+            "weighting": "inv_t2_plus_inv_sd2", "mid_t": [1.526],
+        },
+        # CPU digits (1x8x8): iCT's c = 0.00054 sqrt(64); CIFAR-10 schedule otherwise.
+        "tiny": {"huber_c": 0.00432},
+    }
+
+    def __init__(self, cfg: ECTConfig, data_shape, num_classes):
+        super().__init__(cfg, data_shape, num_classes)
+        check_choice("ect.mapping", cfg.mapping, MAPPINGS)
+        check_choice("ect.weighting", cfg.weighting, WEIGHTINGS)
+        self.param = EDMParam(sigma_data=cfg.sigma_data)
+        self.eval_param = EDMParam(sigma_data=cfg.sigma_data, shift_sigma_min=cfg.eval_shift_sigma_min)
+
+    def stage(self, step: int, total_steps: int) -> int:
+        d = self.cfg.stage_steps or max(total_steps // self.cfg.stages, 1)
+        return step // d + self.cfg.stage_offset
+
+    def r_of_t(self, t: torch.Tensor, stage: int) -> torch.Tensor:
+        """r = max(0, t (1 - n(t) / q^a)) [ECT eq. 15/18]."""
+        c = self.cfg
+        n = 1 + c.k * torch.sigmoid(-c.b * t) if c.mapping == "sigmoid" else torch.ones_like(t)
+        return (t * (1 - n / c.q ** stage)).clamp(min=0)
+
+    def loss(self, ctx: StepContext, batch):
+        c = self.cfg
+        x0, y = batch["x"], batch.get("y")
+        t = lognormal_t(x0.shape[0], c.p_mean, c.p_std, ctx.generator, x0.device)
+        stage = self.stage(ctx.step, ctx.total_steps)
+        r = self.r_of_t(t, stage)
+        eps = ctx.randn_like(x0)
+        x_t = x0 + _col(t, x0) * eps
+        x_r = x0 + _col(r, x0) * eps                                  # shared noise [ECT eq. 12]
+
+        rng = ctx.rng_state()
+        pred = self.param.denoise(ctx.net, x_t, t, y)
+        target = x0                                                   # r = 0: the boundary f(x0, 0) = x0
+        mask = r > 0
+        if mask.any():
+            if c.shared_dropout_mask:
+                ctx.set_rng_state(rng)
+            with torch.no_grad():
+                f_r = self.param.denoise(ctx.net_nograd, x_r, torch.where(mask, r, torch.ones_like(r)), y)
+            target = torch.where(_col(mask, x0), torch.nan_to_num(f_r), x0)
+        per = adaptive_distance(pred - target, c.huber_c, c.adaptive_p)
+        loss = (weighting(c.weighting, t, r, c.sigma_data, c.delta) * per).mean()
+        return {"loss": loss, "ect/stage": float(stage), "ect/r_over_t": (r / t).mean(),
+                "ect/frac_r0": (~mask).float().mean()}
+
+    @torch.no_grad()
+    def sample(self, net, noise, steps, class_labels=None, generator=None):
+        times = consistency_times(steps, self.cfg.sigma_max, self.cfg.mid_t)
+        return consistency_sample(lambda x, t: self.eval_param.denoise(net, x, t, class_labels),
+                                  noise, times, generator)
