@@ -83,7 +83,7 @@ GROUPS = ("method", "model", "data")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("adam", "adamw", "radam")
 LR_SCHEDULES = ("constant", "inverse_sqrt")
-_registered = False
+_registered: set[str] = set()   # method names already in the ConfigStore
 
 
 def group_choices() -> dict[str, list[str]]:
@@ -94,23 +94,23 @@ def group_choices() -> dict[str, list[str]]:
 
 
 def _register() -> None:
-    global _registered
-    if _registered:
-        return
+    """Put the schema and every group option into Hydra's ConfigStore (again for late registrations)."""
     from hydra.core.config_store import ConfigStore
 
     import methods
     from harness.data import DATASETS
     from harness.nets import MODEL_PRESETS
     cs = ConfigStore.instance()
-    cs.store(name="cmbench", node=Config)
+    if not _registered:
+        cs.store(name="cmbench", node=Config)
+        for name, node in MODEL_PRESETS.items():
+            cs.store(group="model", name=name, node=node)
+        for name, node in DATASETS.items():
+            cs.store(group="data", name=name, node=node)
     for name in methods.names():
-        cs.store(group="method", name=name, node=methods.get(name).Config())
-    for name, node in MODEL_PRESETS.items():
-        cs.store(group="model", name=name, node=node)
-    for name, node in DATASETS.items():
-        cs.store(group="data", name=name, node=node)
-    _registered = True
+        if name not in _registered:
+            cs.store(group="method", name=name, node=methods.get(name).Config())
+            _registered.add(name)
 
 
 def _parse(overrides: list[str]):

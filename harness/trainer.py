@@ -154,7 +154,7 @@ class Trainer:
         for e in self.emas:
             e.update(self.engine.module, step)
         self.counters.nonfinite_run = 0
-        return {k: float(v) for k, v in out.items()}
+        return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}
 
     def _skip_nonfinite(self) -> None:
         c = self.counters
@@ -222,6 +222,7 @@ class Trainer:
                             self.counters.step, grid_dir=self.run.path if final else None)
             for r in records:
                 self.run.log({"step": self.counters.step, **{f"eval/{k}": v for k, v in r.items()}})
-            self.counters.evals.extend(records)
+            if not final:
+                self.counters.evals.extend(records)
         eng.barrier()
         return records

@@ -1,0 +1,188 @@
+"""The shared trainer: exact resume, checkpoint fallback, non-finite handling, EMA, lr schedule, seeding."""
+import dataclasses
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import methods
+from harness import checkpoint
+from harness.ema import EMA, std_to_exp
+from harness.engine import lr_factor
+from harness.seeding import EpochSampler
+from harness.train import run
+from harness.trainer import Trainer
+from methods.base import Method
+from methods.ect import ECTConfig
+
+
+def _module_weights(ckpt: Path) -> dict:
+    return torch.load(ckpt / "engine" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+
+
+def _final_state(run_dir: Path):
+    newest = checkpoint.list_checkpoints(run_dir)[0]
+    return newest.name, _module_weights(newest), torch.load(newest / "harness.pt", weights_only=False)
+
+
+def test_exact_resume_is_bitwise(compose_run, monkeypatch, tmp_path):
+    """2k steps straight == k steps, interrupted, resumed for k more: same weights, EMAs, optimizer."""
+    k = 6
+    common = ("method=ect", f"trainer.steps={2 * k}", f"trainer.checkpoint_every_steps={k}",
+              "trainer.ema_betas=[0.9]", "trainer.ema_stds=[0.1]", "model.dropout=0.1")
+    straight = compose_run(*common, run_dir="straight")
+    assert run(straight)["status"] == "completed"
+
+    resumed = compose_run(*common, run_dir="resumed")
+    original_step = Trainer.step
+
+    def interrupted(self, step):
+        if step == k:
+            raise KeyboardInterrupt          # a kill right after the step-k checkpoint
+        return original_step(self, step)
+
+    monkeypatch.setattr(Trainer, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(resumed)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "resumed")] == [f"step-{k:07d}"]
+    monkeypatch.setattr(Trainer, "step", original_step)
+    result = run(resumed)
+    assert result["status"] == "completed" and result["steps"] == 2 * k
+
+    name_a, w_a, h_a = _final_state(tmp_path / "straight")
+    name_b, w_b, h_b = _final_state(tmp_path / "resumed")
+    assert name_a == name_b == f"step-{2 * k:07d}"
+    for key in w_a:
+        assert torch.equal(w_a[key], w_b[key]), key
+    for ema in h_a["emas"]:
+        for key in h_a["emas"][ema]:
+            assert torch.equal(h_a["emas"][ema][key], h_b["emas"][ema][key]), (ema, key)
+    assert h_a["counters"]["flops_total"] == h_b["counters"]["flops_total"] > 0
+    # metrics.jsonl reads as one run: each logged step once
+    steps = [r["step"] for r in __import__("harness.rundir", fromlist=["RunDir"]).RunDir(tmp_path / "resumed").read_metrics()]
+    assert steps == sorted(set(steps))
+
+
+def test_rerun_of_completed_run_returns_its_result(compose_run):
+    cfg = compose_run("method=edm", "trainer.steps=3")
+    first = run(cfg)
+    assert first["status"] == "completed"
+    assert run(cfg) == first
+
+
+def test_corrupt_newest_checkpoint_falls_back(compose_run, tmp_path, caplog):
+    cfg = compose_run("method=edm", "trainer.steps=4", "trainer.checkpoint_every_steps=2", "trainer.keep_checkpoints=3")
+    assert run(cfg)["status"] == "completed"
+    ckpts = checkpoint.list_checkpoints(tmp_path / "run")
+    assert [p.name for p in ckpts] == ["step-0000004", "step-0000002"]
+    (ckpts[0] / "harness.pt").write_bytes(b"not a checkpoint")
+    from harness import engine as eng
+    from harness.rundir import RunDir
+    trainer = Trainer(cfg, RunDir(tmp_path / "run"), eng.setup_distributed("cpu"))
+    with caplog.at_level(logging.WARNING):
+        assert trainer.resume()
+    assert trainer.counters.step == 2
+    assert "step-0000004 is unreadable" in caplog.text
+    # weights equal those saved at step 2
+    for key, value in _module_weights(ckpts[1]).items():
+        assert torch.equal(trainer.engine.module.state_dict()[key], value)
+
+
+class _NaNAt(Method):
+    """EDM's loss, replaced by NaN at the steps listed in `bad` (a stand-in for a diverging method)."""
+    bad: set = set()
+
+    def __init__(self, cfg, data_shape, num_classes):
+        super().__init__(cfg, data_shape, num_classes)
+        self.inner = methods.get("edm")(methods.get("edm").Config(), data_shape, num_classes)
+
+    def loss(self, ctx, batch):
+        out = self.inner.loss(ctx, batch)
+        if ctx.step in self.bad or "all" in self.bad:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+
+@pytest.fixture
+def nan_method():
+    if "test_nan" not in methods.names():
+        @methods.register("test_nan")
+        class TestNaN(_NaNAt):
+            Config = dataclasses.make_dataclass("NaNConfig", [("name", str, "test_nan")],
+                                                bases=(methods.get("edm").Config,))
+            PRESETS = {"tiny": {}}
+    return methods.get("test_nan")
+
+
+def test_nonfinite_loss_is_skipped_and_counted(compose_run, nan_method, tmp_path):
+    nan_method.bad = {2, 3}
+    cfg = compose_run("method=test_nan", "trainer.steps=6", "trainer.log_every_steps=1")
+    result = run(cfg)
+    assert result["status"] == "completed"
+    assert result["nonfinite_skipped"] == 2
+    _, weights, _ = _final_state(tmp_path / "run")
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_nonfinite_run_fails_after_n_in_a_row(compose_run, nan_method, tmp_path):
+    nan_method.bad = {"all"}
+    cfg = compose_run("method=test_nan", "trainer.steps=50", "trainer.max_nonfinite_steps=4",
+                      "trainer.checkpoint_every_steps=2")
+    result = run(cfg)
+    assert result["status"].startswith("failed: non-finite loss")
+    # steps were skipped, never applied: any checkpoint written holds finite weights
+    for ckpt in checkpoint.list_checkpoints(tmp_path / "run"):
+        assert all(torch.isfinite(v).all() for v in _module_weights(ckpt).values())
+
+
+def test_power_ema_exponent_and_updates():
+    # EDM2: sigma_rel = 0.10 <-> gamma = 6.94; the root satisfies sigma^2 = (g+1)/((g+2)^2 (g+3))
+    g = std_to_exp(0.10)
+    assert g == pytest.approx(6.94, abs=0.01)
+    assert (g + 1) / ((g + 2) ** 2 * (g + 3)) == pytest.approx(0.01, rel=1e-9)
+    net = nn.Linear(3, 1)
+    w0 = net.weight.detach().clone()
+    trad, power = EMA(net, beta=0.9), EMA(net, std=0.10)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    for step in range(5):
+        trad.update(net, step)
+        power.update(net, step)
+    # traditional: 1 + (w0 - 1) 0.9^5; power: the first update (beta_1 = 0) copies the net
+    torch.testing.assert_close(trad.module.weight, 1 + (w0 - 1) * 0.9 ** 5)
+    torch.testing.assert_close(power.module.weight, torch.ones(1, 3))
+    assert power.beta_at(0) == 0.0
+    assert power.beta_at(9) == pytest.approx((1 - 1 / 10) ** (g + 1))
+
+
+def test_lr_schedules():
+    class T:
+        lr_schedule, lr_ref_steps, lr_warmup_steps = "inverse_sqrt", 100, 0
+    assert [lr_factor(s, T) for s in (0, 100, 400, 10000)] == pytest.approx([1, 1, 0.5, 0.1])
+    T.lr_schedule, T.lr_warmup_steps = "constant", 10
+    assert [lr_factor(s, T) for s in (0, 5, 10, 50)] == pytest.approx([0, 0.5, 1, 1])
+
+
+def test_epoch_sampler_order_and_rank_slices():
+    s = EpochSampler(10, seed=3)
+    epoch0 = s.indices(0, 10)
+    assert sorted(epoch0.tolist()) == list(range(10))            # every sample once per epoch
+    assert torch.equal(EpochSampler(10, seed=3).indices(0, 10), epoch0)
+    assert not torch.equal(EpochSampler(10, seed=4).indices(0, 10), epoch0)
+    # batch 4 of step 2 spans the epoch boundary (positions 8..11)
+    glob = s.batch(2, 4, 0, 1)
+    assert glob.tolist() == [*epoch0[8:10].tolist(), *s.indices(10, 2).tolist()]
+    halves = torch.cat([s.batch(2, 4, r, 2) for r in range(2)])
+    assert torch.equal(halves, glob)                             # ranks split the global batch
+
+
+def test_method_state_and_presets_resolve(compose_run):
+    cfg = compose_run("method=ect")
+    assert cfg.method.preset == "tiny" and cfg.method.huber_c == pytest.approx(0.00054 * math.sqrt(64), abs=1e-5)
+    cfg = compose_run("method=ect", "method.preset=imagenet64", "method.q=8")
+    assert cfg.method.p_mean == -0.8 and cfg.method.weighting == "inv_t2_plus_inv_sd2"
+    assert cfg.method.q == 8.0                                   # the command line wins over the preset
+    assert ECTConfig().q == 2.0
