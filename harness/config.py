@@ -122,17 +122,24 @@ def _parse(overrides: list[str]):
         raise ConfigError(f"cannot parse override: {str(exc).splitlines()[0]}") from None
 
 
-def _check_keys(base: DictConfig, parsed) -> None:
-    """Unknown groups, group options and keys, each named with the valid ones."""
+def _check_groups(parsed) -> None:
+    """Group options (method=, model=, data=) exist; no +key / ~key."""
     choices = group_choices()
     for o in parsed:
-        key = o.key_or_group
         if o.is_add() or o.is_delete():
             raise ConfigError(f"adding or deleting keys is not supported ('{o.input_line}'); set existing keys")
-        if key in choices:
+        if o.key_or_group in choices:
             value = o.value()
-            if not isinstance(value, str) or value not in choices[key]:
-                raise ConfigError(f"unknown {key} '{value}'; valid: {', '.join(choices[key])}")
+            if not isinstance(value, str) or value not in choices[o.key_or_group]:
+                raise ConfigError(f"unknown {o.key_or_group} '{value}'; valid: {', '.join(choices[o.key_or_group])}")
+
+
+def _check_keys(base: DictConfig, parsed) -> None:
+    """Every other key exists in the composed schema, else the valid keys at that level are named."""
+    choices = GROUPS
+    for o in parsed:
+        key = o.key_or_group
+        if key in choices:
             continue
         node: Any = base
         parts = key.split(".")
@@ -151,6 +158,7 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
 
     _register()
     parsed = _parse(overrides)
+    _check_groups(parsed)
     group_overrides = [o.input_line for o in parsed if o.key_or_group in GROUPS]
     GlobalHydra.instance().clear()
     with initialize(version_base=None):

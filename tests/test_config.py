@@ -1,0 +1,56 @@
+"""Config errors: one clear line naming what was wrong and what is valid, before any work starts."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.config import ConfigError, compose
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("override,message", [
+    ("method=nope", "unknown method 'nope'; valid: .*ect.*edm"),
+    ("model=huge", "unknown model 'huge'; valid: .*unet-s"),
+    ("data=mnist", "unknown data 'mnist'; valid: .*digits"),
+    ("trainer.stepz=3", "unknown config key 'trainer.stepz'; valid keys in trainer: steps, batch_size"),
+    ("method.qq=3", "unknown config key 'method.qq'; valid keys in method: name, preset"),
+    ("bogus=1", "unknown config key 'bogus'; valid keys in the top level: method, model"),
+    ("trainer.steps=abc", "invalid override: .*trainer.steps"),
+    ("trainer.precision=fp8", "trainer.precision='fp8' is not valid; valid: auto, fp32, bf16, fp16"),
+    ("trainer.zero_stage=3", "trainer.zero_stage=3 is not supported; valid: 0, 1, 2"),
+    ("trainer.optimizer=sgd", "trainer.optimizer='sgd' is not valid; valid: adam, adamw, radam"),
+    ("method.preset=mnist", "unknown ect preset 'mnist'; valid: auto, cifar10, imagenet64, tiny"),
+    ("model.attention=flashy", "unknown attention backend 'flashy'"),
+    ("data=cifar10", "data.path"),
+])
+def test_bad_input_is_one_clear_line(override, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        compose(["method=ect", override])
+    assert "\n" not in str(info.value)
+
+
+def test_fp16_on_cpu_is_refused_not_downgraded():
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: fp16 is valid here")
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device.*valid here: fp32, bf16"):
+        compose(["trainer.precision=fp16"])
+
+
+def test_cli_error_writes_nothing(tmp_path):
+    run_dir = tmp_path / "never"
+    proc = subprocess.run([sys.executable, "-m", "harness.train", "method=nope", f"run_dir={run_dir}"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: unknown method 'nope'; valid:") and len(lines) == 1, proc.stderr
+    assert not run_dir.exists()
+
+
+def test_resolved_config_defaults():
+    cfg = compose([])
+    assert (cfg.method.name, cfg.model.name, cfg.data.name) == ("ect", "unet-s", "digits")
+    assert cfg.trainer.precision == "auto" and cfg.trainer.optimizer == "radam"
