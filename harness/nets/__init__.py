@@ -1,0 +1,122 @@
+"""Networks: one config dataclass + module per arch, named size presets, and `build_net`.
+
+Every net has the same forward (see layers.NetBase):
+    net(x, noise_labels, class_labels=None, extra=None, return_logvar=False) -> F  (or (F, logvar))
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+from torch import nn
+
+from harness.nets.ddpmpp import DDPMpp, DDPMppConfig
+from harness.nets.dit import DiT, DiTConfig
+from harness.nets.layers import ARCH_NAMES, NetBase, NetConfig, count_params
+from harness.nets.mlp import MLP, MLPConfig
+from harness.nets.unet import UNet, UNetConfig
+
+__all__ = [
+    "ARCHS", "MODEL_PRESETS", "NetBase", "NetConfig", "UNetConfig", "DDPMppConfig", "DiTConfig", "MLPConfig",
+    "build_net", "count_params", "get_preset",
+]
+
+# arch name -> (config dataclass, module class)
+ARCHS: dict[str, tuple[type[NetConfig], type[NetBase]]] = {
+    "unet": (UNetConfig, UNet),
+    "ddpmpp": (DDPMppConfig, DDPMpp),
+    "dit": (DiTConfig, DiT),
+    "mlp": (MLPConfig, MLP),
+}
+assert tuple(ARCHS) == ARCH_NAMES
+
+
+def _edm2_img64(size: str, channels: int, dropout: float) -> UNetConfig:
+    # EDM2 ImageNet-64 config G sizes (train_edm2.py presets edm2-img64-{s,m,l,xl}).
+    return UNetConfig(name=f"edm2-img64-{size}", channels=channels, dropout=dropout)
+
+
+def _small_unet(size: str, channels: int, attn: list[int], num_blocks: int) -> UNetConfig:
+    # 8x8 digits: two levels (8x8, 4x4); 16-channel heads so attention fits the narrow widths.
+    return UNetConfig(
+        name=f"unet-{size}", channels=channels, channel_mult=[1, 2], num_blocks=num_blocks,
+        attn_resolutions=attn, mid_attention=bool(attn), channels_per_head=16,
+    )
+
+
+def _small_ddpmpp(size: str, channels: int, attn: list[int], num_blocks: int) -> DDPMppConfig:
+    return DDPMppConfig(
+        name=f"ddpmpp-{size}", channels=channels, channel_mult=[1, 2], num_blocks=num_blocks,
+        attn_resolutions=attn, dropout=0.1,
+    )
+
+
+def _dit(name: str, hidden: int, depth: int, heads: int, patch: int = 2) -> DiTConfig:
+    return DiTConfig(name=name, hidden_size=hidden, depth=depth, heads=heads, patch_size=patch)
+
+
+_PRESET_LIST: list[NetConfig] = [
+    _edm2_img64("s", 192, 0.0),
+    _edm2_img64("m", 256, 0.1),
+    _edm2_img64("l", 320, 0.1),
+    _edm2_img64("xl", 384, 0.1),
+    _small_unet("xs", 16, [], 1),
+    _small_unet("s", 32, [4], 1),
+    _small_unet("m", 48, [4], 2),
+    DDPMppConfig(name="ddpmpp-cifar10"),  # EDM's DDPM++ for 32x32x3 (EDM dropout 0.13; ECT 0.2)
+    _small_ddpmpp("xs", 16, [], 1),
+    _small_ddpmpp("s", 32, [4], 1),
+    _small_ddpmpp("m", 48, [4], 2),
+    _dit("dit-xs", 64, 2, 2),
+    _dit("dit-s", 128, 4, 4),
+    _dit("dit-m", 192, 6, 6),
+    _dit("dit-s2", 384, 12, 6),  # DiT paper sizes (Table 1), build-only here
+    _dit("dit-b2", 768, 12, 12),
+    _dit("dit-l2", 1024, 24, 16),
+    _dit("dit-xl2", 1152, 28, 16),
+    MLPConfig(name="mlp-xs", hidden=64, depth=3),
+    MLPConfig(name="mlp-s", hidden=128, depth=4),
+    MLPConfig(name="mlp-m", hidden=256, depth=4),
+]
+MODEL_PRESETS: dict[str, NetConfig] = {cfg.name: cfg for cfg in _PRESET_LIST}
+assert len(MODEL_PRESETS) == len(_PRESET_LIST), "duplicate preset name"
+
+
+def get_preset(name: str) -> NetConfig:
+    """A fresh copy of preset `name` (editing it leaves MODEL_PRESETS untouched)."""
+    if name not in MODEL_PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; valid: {', '.join(MODEL_PRESETS)}")
+    return copy.deepcopy(MODEL_PRESETS[name])
+
+
+def _as_config(cfg: Any) -> NetConfig:
+    """Accept a config dataclass, an OmegaConf/Hydra node or a plain mapping; return the arch's dataclass."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        values = dataclasses.asdict(cfg)
+    else:
+        try:
+            from omegaconf import OmegaConf
+
+            values = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+        except ImportError:
+            values = dict(cfg)
+    arch = values.get("arch")
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
+    config_cls = ARCHS[arch][0]
+    if isinstance(cfg, config_cls):
+        return cfg
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown field(s) {unknown} for arch {arch!r}; valid: {sorted(known)}")
+    return config_cls(**values)
+
+
+def build_net(cfg: Any, data_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Build the net that `cfg.arch` names for data of shape (C, H, W) or (D,), with `num_classes` classes
+    (0 = unconditional). Use `with torch.device("meta"):` to build without allocating."""
+    cfg = _as_config(cfg)
+    return ARCHS[cfg.arch][1](cfg, tuple(data_shape), int(num_classes))
