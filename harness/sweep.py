@@ -127,12 +127,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{_status(run):>10s}  {run.run_dir}")
     if args.dry_run:
         return 0
-    from harness.train import run as train_run
+    from launchers.local import run_all
+
     tic = time.time()
-    for i, (run, cfg) in enumerate(zip(runs, configs)):
-        print(f"[{i + 1}/{len(runs)}] {run.stage} {_point_name(run.point)} -> {run.run_dir}", flush=True)
-        result = train_run(cfg)
-        print(f"    {result['status']}", flush=True)
+
+    def report(i: int, result: dict) -> None:
+        run = runs[i]
+        print(f"[{i + 1}/{len(runs)}] {run.stage} {_point_name(run.point)}: {result['status']} "
+              f"({time.time() - tic:.0f} s)", flush=True)
+
+    run_all(configs, report)
     table = _summary(runs)
     out = Path(runs[0].run_dir).parent
     (out / "summary.md").write_text(f"# {spec.get('name', 'sweep')}\n\n{table}\n\nwall time {time.time() - tic:.0f} s\n")

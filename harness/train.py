@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     status = result["status"]
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0 if status == "completed" else 1
     print(f"{Path(result['run_dir'])}: {status}")
     for s in result.get("scores", []):
         print(f"  {s['ema']:>16s} {s['steps']:>3d} step(s) (NFE {s['nfe']}): {s['metric']} "

@@ -170,6 +170,8 @@ class Trainer:
         t, c = self.cfg.trainer, self.counters
         acc: dict[str, float] = {}
         n_acc, step_secs = 0, []
+        if self.cfg.eval.every_steps and c.step == 0:
+            self.evaluate(final=False)                     # the starting point, for the curve
         while c.step < t.steps:
             tic = time.perf_counter()
             scalars = self.step(c.step)
