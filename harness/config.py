@@ -10,7 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -77,6 +80,7 @@ class Config:
     init_from: str = ""                # a finished run (e.g. an `edm` teacher) to start the weights from
     init_ema: str = ""                 # which of its EMAs to start from ("" = its first)
     teacher: str = ""                  # frozen teacher run for distillation methods
+    recipe: str = ""                   # a paper setup from harness/recipes/ (its overrides come first)
 
 
 GROUPS = ("method", "model", "data")
@@ -111,6 +115,24 @@ def _register() -> None:
         if name not in _registered:
             cs.store(group="method", name=name, node=methods.get(name).Config())
             _registered.add(name)
+
+
+RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+def recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def expand_recipe(overrides: list[str]) -> list[str]:
+    """`recipe=NAME` puts the recipe's overrides first, so everything on the command line wins."""
+    named = [o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")]
+    if not named:
+        return list(overrides)
+    if len(named) > 1 or named[0] not in recipes():
+        raise ConfigError(f"unknown recipe '{named[-1]}'; valid: {', '.join(recipes())}")
+    recipe = yaml.safe_load((RECIPE_DIR / f"{named[0]}.yaml").read_text())
+    return [*recipe, *overrides]
 
 
 def _parse(overrides: list[str]):
@@ -157,6 +179,7 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     from hydra.core.global_hydra import GlobalHydra
 
     _register()
+    overrides = expand_recipe(list(overrides))
     parsed = _parse(overrides)
     _check_groups(parsed)
     group_overrides = [o.input_line for o in parsed if o.key_or_group in GROUPS]

@@ -153,10 +153,11 @@ def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     if not (dist.is_initialized() and dist.get_world_size() > 1) or not values:
         return values
     keys = sorted(values)
-    buf = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    buf = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(buf)
     buf /= dist.get_world_size()
-    return dict(zip(keys, buf.tolist()))
+    return dict(zip(keys, buf.cpu().tolist()))
 
 
 def destroy() -> None:

@@ -54,3 +54,28 @@ def test_resolved_config_defaults():
     cfg = compose([])
     assert (cfg.method.name, cfg.model.name, cfg.data.name) == ("ect", "unet-s", "digits")
     assert cfg.trainer.precision == "auto" and cfg.trainer.optimizer == "radam"
+
+
+def test_recipes_expand_under_the_command_line():
+    cfg = compose(["recipe=ect-digits", "trainer.lr=5e-4"])
+    assert cfg.recipe == "ect-digits" and cfg.method.name == "ect" and cfg.model.name == "unet-s"
+    assert cfg.trainer.lr == 5e-4 and list(cfg.trainer.ema_stds) == [0.05]
+    with pytest.raises(ConfigError, match="unknown recipe 'nope'; valid: .*ect-cifar10"):
+        compose(["recipe=nope"])
+    # the CIFAR-10 recipe needs the user's data path, and says so
+    with pytest.raises(ConfigError, match="data.path"):
+        compose(["recipe=ect-cifar10"])
+
+
+def test_ect_cifar10_recipe_is_table_7(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / name).touch()
+    cfg = compose(["recipe=ect-cifar10", f"data.path={folder}"])
+    # ECT Table 7, unconditional CIFAR-10
+    assert (cfg.model.name, cfg.model.dropout) == ("ddpmpp-cifar10", 0.2)
+    assert (cfg.trainer.optimizer, cfg.trainer.lr, cfg.trainer.batch_size, cfg.trainer.steps) == ("radam", 1e-4, 128, 100000)
+    assert list(cfg.trainer.ema_betas) == [0.9999]
+    m = cfg.method
+    assert (m.p_mean, m.p_std, m.weighting, m.huber_c, m.q, m.stages, list(m.mid_t)) == (-1.1, 2.0, "inv_dt", 0.0, 2.0, 8, [0.821])
