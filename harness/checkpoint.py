@@ -23,6 +23,10 @@ _NAME = re.compile(r"^step-(\d{7,})$")
 _TMP_PREFIX = ".tmp-"
 
 
+def step_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
 def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
@@ -39,14 +43,14 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def rng_state() -> dict[str, Any]:
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()     # this rank's device only
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _fsync_tree(path: Path) -> None:
@@ -56,15 +60,23 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(fh.fileno())
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save(engine, run_dir: Path, step: int, state: dict[str, Any], rank: int, keep: int) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint path."""
     root = checkpoint_dir(run_dir)
-    final = root / f"step-{step:07d}"
+    final = root / step_name(step)
     tmp = root / f"{_TMP_PREFIX}{final.name}"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        for stale in root.glob(f"{_TMP_PREFIX}*"):      # leftovers of interrupted saves
+            shutil.rmtree(stale, ignore_errors=True)
     eng.barrier()
     engine.save_checkpoint(str(tmp), tag="engine", save_latest=False)
     torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
@@ -72,9 +84,14 @@ def save(engine, run_dir: Path, step: int, state: dict[str, Any], rank: int, kee
     if rank == 0:
         torch.save(state, tmp / "harness.pt")
         _fsync_tree(tmp)
-        if final.exists():            # re-saving the same step (e.g. final == periodic): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if final.exists():            # re-saving a step: move the old copy aside first, never lose both
+            aside = root / f"{_TMP_PREFIX}old-{final.name}"
+            os.replace(final, aside)
+            os.replace(tmp, final)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(root)
         for old in list_checkpoints(run_dir)[keep:]:
             shutil.rmtree(old, ignore_errors=True)
     eng.barrier()
@@ -83,20 +100,29 @@ def save(engine, run_dir: Path, step: int, state: dict[str, Any], rank: int, kee
 
 def load_latest(engine, run_dir: Path, rank: int,
                 apply_state: Callable[[dict[str, Any]], None]) -> dict[str, Any] | None:
-    """Restore the newest readable checkpoint into the engine and hand its harness state to
-    `apply_state`; returns that state, or None when there is nothing to resume."""
-    for path in list_checkpoints(run_dir):
+    """Restore the newest checkpoint every rank can read into the engine and hand its harness state
+    to `apply_state`; returns that state, or None when there is nothing to resume."""
+    candidates = eng.broadcast_object([str(p) for p in list_checkpoints(run_dir)])   # one list for all ranks
+    for path in map(Path, candidates):
+        state = rng = problem = None
         try:
             state = torch.load(path / "harness.pt", map_location="cpu", weights_only=False)
             rng_file = path / f"rng-rank{rank}.pt"
             rng = torch.load(rng_file, weights_only=False) if rng_file.exists() else None
-            loaded, _ = engine.load_checkpoint(str(path), tag="engine")
-            if loaded is None:
-                raise RuntimeError("DeepSpeed found no engine state")
-            apply_state(state)
-        except Exception as exc:   # unreadable: fall back to the one before it
-            log.warning("checkpoint %s is unreadable (%s: %s); trying the previous one",
-                        path, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        except Exception as exc:
+            problem = exc
+        if eng.all_true(problem is None):
+            try:
+                loaded, _ = engine.load_checkpoint(str(path), tag="engine")
+                if loaded is None:
+                    raise RuntimeError("DeepSpeed found no engine state")
+                apply_state(state)
+            except Exception as exc:
+                problem = exc
+        if not eng.all_true(problem is None):   # unreadable here or on another rank: the one before it
+            reason = f"{type(problem).__name__}: {str(problem).splitlines()[0] if str(problem) else ''}" \
+                if problem else "unreadable on another rank"
+            log.warning("checkpoint %s is unreadable (%s); trying the previous one", path, reason)
             continue
         if rng is not None:
             set_rng_state(rng)

@@ -129,7 +129,9 @@ def expand_recipe(overrides: list[str]) -> list[str]:
     named = [o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")]
     if not named:
         return list(overrides)
-    if len(named) > 1 or named[0] not in recipes():
+    if len(named) > 1:
+        raise ConfigError(f"recipe is given {len(named)} times ({', '.join(named)}); give one")
+    if named[0] not in recipes():
         raise ConfigError(f"unknown recipe '{named[-1]}'; valid: {', '.join(recipes())}")
     recipe = yaml.safe_load((RECIPE_DIR / f"{named[0]}.yaml").read_text())
     return [*recipe, *overrides]
@@ -242,13 +244,28 @@ def validate(cfg: DictConfig) -> None:
     if t.precision == "fp16" and not on_cuda:
         raise ConfigError("trainer.precision=fp16 needs a CUDA device (DeepSpeed has no fp16 on CPU); "
                           "valid here: fp32, bf16")
+    for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "lr_ref_steps",
+                "max_nonfinite_steps"):
+        if t[key] < 1:
+            raise ConfigError(f"trainer.{key} must be >= 1, got {t[key]}")
+    if min(t.lr_warmup_steps, t.grid_every_steps, cfg.eval.every_steps) < 0:
+        raise ConfigError("trainer.lr_warmup_steps, trainer.grid_every_steps and eval.every_steps must be >= 0")
+    from harness.ema import ema_name
+    names = [ema_name(beta=b) for b in t.ema_betas] + [ema_name(std=s) for s in t.ema_stds]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"two EMAs share a name: {names}; make trainer.ema_betas / ema_stds distinct")
     if any(s < 0 for s in cfg.eval.steps):
         raise ConfigError(f"eval.steps must be >= 0, got {list(cfg.eval.steps)}")
-    if cfg.launcher.nproc < 1:
-        raise ConfigError(f"launcher.nproc must be >= 1, got {cfg.launcher.nproc}")
+    if cfg.eval.num_samples < 2 or cfg.eval.batch_size < 1:
+        raise ConfigError(f"eval.num_samples must be >= 2 and eval.batch_size >= 1 "
+                          f"(got {cfg.eval.num_samples}, {cfg.eval.batch_size})")
+    if cfg.launcher.nproc < 1 or t.batch_size % cfg.launcher.nproc:
+        raise ConfigError(f"launcher.nproc={cfg.launcher.nproc} must be >= 1 and divide "
+                          f"trainer.batch_size={t.batch_size}")
     try:
         check_backend(cfg.model.attention)
         check_data_config(cfg.data)
+        methods.get(cfg.method.name).check_config(OmegaConf.to_object(cfg.method))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if methods.get(cfg.method.name).needs_teacher and not cfg.teacher:
@@ -263,8 +280,8 @@ def _one_of(key: str, value: str, valid) -> None:
 def config_hash(cfg: DictConfig) -> str:
     """Stable id of everything that defines a run (the run directory and launcher excluded)."""
     data = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("run_dir", "launcher"):
-        data.pop(key, None)
+    data.pop("run_dir", None)
+    data["launcher"] = {"nproc": data["launcher"]["nproc"]}   # results depend on the world size only
     blob = json.dumps(data, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:10]
 

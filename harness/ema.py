@@ -15,6 +15,10 @@ def std_to_exp(std: float) -> float:
     return float(np.roots([1.0, 7.0, 16.0 - inv, 12.0 - inv]).real.max())
 
 
+def ema_name(beta: float | None = None, std: float | None = None) -> str:
+    return f"ema_beta{beta:g}" if beta is not None else f"ema_std{std:g}"
+
+
 class EMA:
     """One EMA of a network, kept as an fp32 copy of the module (usable directly for sampling).
 
@@ -27,7 +31,7 @@ class EMA:
             raise ValueError("an EMA has either a beta (traditional) or a std (power function)")
         self.beta, self.std = beta, std
         self.gamma = std_to_exp(std) if std is not None else None
-        self.name = f"ema_beta{beta:g}" if beta is not None else f"ema_std{std:.3f}"
+        self.name = ema_name(beta=beta, std=std)
         self.module = copy.deepcopy(net).float().eval().requires_grad_(False)
         self._params = list(self.module.parameters())
         self._buffers = list(self.module.buffers())

@@ -50,10 +50,12 @@ def _export_slurm_env() -> None:
 
 def setup_distributed(device: str = "auto") -> DistInfo:
     """Initialize torch.distributed (gloo on CPU, nccl on CUDA) from torchrun's or SLURM's environment."""
+    env = os.environ
+    if device == "cpu":   # DeepSpeed picks its accelerator at import: keep it off a present GPU
+        env["DS_ACCELERATOR"] = "cpu"
     import deepspeed
     import torch.distributed as dist
 
-    env = os.environ
     if "RANK" not in env and int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
         _export_slurm_env()
     if "RANK" not in env:   # a lone process: a private rendezvous, so parallel runs never collide
@@ -112,24 +114,36 @@ def deepspeed_config(t, precision: str, world_size: int) -> dict:
 
 
 def build_engine(net: torch.nn.Module, t, precision: str, world_size: int):
-    """Wrap the network: returns the DeepSpeed engine (optimizer and lr schedule inside)."""
+    """Wrap the network: returns the DeepSpeed engine (the optimizer inside)."""
     import deepspeed
 
     optimizer = make_optimizer(net.parameters(), t)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, t))
-    engine, _, _, _ = deepspeed.initialize(model=net, optimizer=optimizer, lr_scheduler=scheduler,
+    engine, _, _, _ = deepspeed.initialize(model=net, optimizer=optimizer,
                                            config=deepspeed_config(t, precision, world_size),
                                            dist_init_required=False)
     return engine
 
 
+def set_lr(engine, step: int, t) -> None:
+    """The learning rate of optimizer step `step`: a function of the step alone, so skipped steps
+    (fp16 overflow, non-finite loss) never shift the schedule."""
+    for group in engine.optimizer.param_groups:
+        group["lr"] = t.lr * lr_factor(step, t)
+
+
 def all_finite(value: torch.Tensor) -> bool:
     """True when the value is finite on every rank (so all ranks skip a bad step together)."""
-    import torch.distributed as dist
+    return all_true(bool(torch.isfinite(value.detach()).all()))
 
-    ok = torch.isfinite(value.detach()).all().to(torch.float32).reshape(1)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+
+def all_true(flag: bool) -> bool:
+    """True when `flag` holds on every rank."""
+    import torch.distributed as dist
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    ok = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok.item())
 
 
@@ -158,9 +172,3 @@ def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     dist.all_reduce(buf)
     buf /= dist.get_world_size()
     return dict(zip(keys, buf.cpu().tolist()))
-
-
-def destroy() -> None:
-    import torch.distributed as dist
-    if dist.is_initialized():
-        dist.destroy_process_group()

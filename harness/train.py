@@ -92,8 +92,14 @@ def _derived(trainer) -> dict:
 
 def _relaunch_distributed(nproc: int, argv: list[str]) -> int:
     """launcher.nproc > 1 from a plain shell: restart this command under torchrun."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
-    torchrun(["--standalone", f"--nproc_per_node={nproc}", "-m", "harness.train", *argv])
+    try:
+        torchrun(["--standalone", f"--nproc_per_node={nproc}", "-m", "harness.train", *argv])
+    except ChildFailedError as exc:
+        print(f"error: a rank failed ({str(exc).splitlines()[0] if str(exc) else 'see its output above'})",
+              file=sys.stderr)
+        return 1
     return 0
 
 

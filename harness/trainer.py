@@ -21,7 +21,7 @@ from harness.data import load_dataset
 from harness.ema import make_emas
 from harness.eval.grid import save_grid
 from harness.eval.score import generate, score
-from harness.nets import build_net, count_params
+from harness.nets import build_net, count_params, uses_forced_weight_norm
 from harness.rundir import RunDir
 from harness.seeding import EpochSampler, seed_step
 from methods.base import StepContext
@@ -50,29 +50,41 @@ def method_config(cfg: DictConfig):
     return OmegaConf.to_object(cfg.method)
 
 
-def load_run_net(run_dir: str, ema_name: str, cfg: DictConfig) -> tuple[dict[str, torch.Tensor], str]:
-    """EMA weights of another finished run (init_from / teacher), checked for a compatible net and data."""
+def load_run_net(run_dir: str, ema_name: str, data_name: str) -> tuple[dict[str, torch.Tensor], DictConfig]:
+    """EMA weights and model config of another, completed run (init_from / teacher) on the same data."""
     src = RunDir(run_dir)
     if not src.config_path.exists():
         raise ValueError(f"{run_dir} is not a run directory (no config.yaml)")
     other = src.load_config()
-    for key in ("model", "data"):
-        mine = OmegaConf.to_container(cfg[key], resolve=True)
-        theirs = OmegaConf.to_container(other[key], resolve=True)
-        mine.pop("path", None), theirs.pop("path", None)
-        if key == "model":   # dropout and attention backend may differ between teacher and student
-            for k in ("dropout", "attention"):
-                mine.pop(k, None), theirs.pop(k, None)
-        if mine != theirs:
-            raise ValueError(f"{run_dir} was trained with a different {key} ({theirs} vs {mine})")
-    ckpts = checkpoint.list_checkpoints(src.path)
-    if not ckpts:
-        raise ValueError(f"{run_dir} has no checkpoint to start from")
-    state = torch.load(ckpts[0] / "harness.pt", map_location="cpu", weights_only=False)
-    name = ema_name or next(iter(state["emas"]))
-    if name not in state["emas"]:
-        raise ValueError(f"{run_dir} has no EMA '{name}'; it has {', '.join(state['emas'])}")
-    return state["emas"][name], name
+    status = (src.read_json("result.json") or {}).get("status", "unknown")
+    if status != "completed":
+        raise ValueError(f"{run_dir} has not completed (status: {status}); finish it first")
+    if other.data.name != data_name:
+        raise ValueError(f"{run_dir} was trained on {other.data.name}, this run uses {data_name}")
+    for ckpt in checkpoint.list_checkpoints(src.path):
+        try:
+            emas = torch.load(ckpt / "harness.pt", map_location="cpu", weights_only=False)["emas"]
+            break
+        except Exception as exc:
+            log.warning("%s is unreadable (%s); trying the previous checkpoint", ckpt, type(exc).__name__)
+    else:
+        raise ValueError(f"{run_dir} has no readable checkpoint")
+    if not emas:
+        raise ValueError(f"{run_dir} kept no EMA (trainer.ema_betas and trainer.ema_stds were empty)")
+    name = ema_name or next(iter(emas))
+    if name not in emas:
+        raise ValueError(f"{run_dir} has no EMA '{name}'; it has {', '.join(emas)}")
+    return emas[name], other.model
+
+
+def load_weights(net: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Load another run's weights, refusing (in one line) a network of another shape."""
+    mine = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in weights.items()}
+    if mine != theirs:
+        diff = sorted(set(mine.items()) ^ set(theirs.items()))[0]
+        raise ValueError(f"{source}'s network does not match this model (first difference: {diff[0]} {diff[1]})")
+    net.load_state_dict(weights)
 
 
 class Trainer:
@@ -82,14 +94,19 @@ class Trainer:
         self.device = dist.device
         self.precision = eng.resolve_precision(t.precision, self.device)
         torch.manual_seed(cfg.seed)                                   # network initialization
-        self.data = load_dataset(cfg.data)
-        self.x = self.data.x.to(self.device)
-        self.y = self.data.y.to(self.device) if self.data.y is not None else None
-        self.sampler = EpochSampler(len(self.x), cfg.seed)
+        self.data = load_dataset(cfg.data)            # kept on the host; batches move to the device
+        if (cfg.eval.at_end or cfg.eval.every_steps) and len(self.data.heldout_x) == 0:
+            raise ValueError(f"{cfg.data.name} has no held-out set to score against: set data.heldout "
+                             f"or data.heldout_path, or eval.at_end=false")
+        self.sampler = EpochSampler(len(self.data.x), cfg.seed)
         net = build_net(cfg.model, self.data.shape, self.data.num_classes).to(self.device)
         if cfg.init_from:
-            weights, _ = load_run_net(cfg.init_from, cfg.init_ema, cfg)
-            net.load_state_dict(weights)
+            weights, _ = load_run_net(cfg.init_from, cfg.init_ema, cfg.data.name)
+            load_weights(net, weights, cfg.init_from)
+        if uses_forced_weight_norm(net) and (self.precision != "fp32" or t.zero_stage > 0):
+            log.warning("forced weight normalization (EDM2) acts on the module weights only in fp32 with "
+                        "ZeRO 0; with %s / ZeRO %d DeepSpeed's master weights are not renormalized",
+                        self.precision, t.zero_stage)
         self.method = methods.get(cfg.method.name)(method_config(cfg), self.data.shape, self.data.num_classes)
         self.teacher = self._load_teacher() if cfg.teacher else None
         self.emas = make_emas(net, t.ema_betas, t.ema_stds)
@@ -99,10 +116,9 @@ class Trainer:
 
     def _load_teacher(self) -> torch.nn.Module:
         cfg = self.cfg
-        teacher_cfg = RunDir(cfg.teacher).load_config()
-        weights, _ = load_run_net(cfg.teacher, "", cfg)
-        net = build_net(teacher_cfg.model, self.data.shape, self.data.num_classes)
-        net.load_state_dict(weights)
+        weights, model_cfg = load_run_net(cfg.teacher, "", cfg.data.name)
+        net = build_net(model_cfg, self.data.shape, self.data.num_classes)
+        load_weights(net, weights, cfg.teacher)
         return net.to(self.device).eval().requires_grad_(False)
 
     # -- state ---------------------------------------------------------------------------------
@@ -124,6 +140,9 @@ class Trainer:
         return True
 
     def save(self) -> None:
+        newest = checkpoint.list_checkpoints(self.run.path)
+        if newest and newest[0].name == checkpoint.step_name(self.counters.step):
+            return                                         # already saved (a resumed, finished run)
         for p in self.engine.module.parameters():        # never write NaN weights
             if not torch.isfinite(p).all():
                 raise NonFiniteLoss("non-finite weights")
@@ -133,8 +152,8 @@ class Trainer:
     # -- one step ------------------------------------------------------------------------------
     def batch(self, step: int) -> dict[str, torch.Tensor | None]:
         idx = self.sampler.batch(step, self.cfg.trainer.batch_size, self.dist.rank, self.dist.world_size)
-        idx = idx.to(self.device)
-        return {"x": self.x[idx], "y": self.y[idx] if self.y is not None else None}
+        y = self.data.y[idx].to(self.device) if self.data.y is not None else None
+        return {"x": self.data.x[idx].to(self.device, non_blocking=True), "y": y}
 
     def step(self, step: int) -> dict[str, float] | None:
         """One optimizer step; returns the logged scalars, or None when skipped (non-finite loss)."""
@@ -150,11 +169,23 @@ class Trainer:
             self.engine.backward(loss)
         if counting:
             self.counters.flops_per_step = float(fc.get_total_flops()) * self.dist.world_size
+        if not self._grads_finite():
+            return self._skip_nonfinite()
+        eng.set_lr(self.engine, step, self.cfg.trainer)
         self.engine.step()
         for e in self.emas:
             e.update(self.engine.module, step)
         self.counters.nonfinite_run = 0
         return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}
+
+    def _grads_finite(self) -> bool:
+        """Non-finite gradients from a finite loss (fp32/bf16, ZeRO 0); fp16 overflow is DeepSpeed's,
+        and under ZeRO 1-2 the partitioned gradients are not inspected."""
+        if self.precision == "fp16" or self.cfg.trainer.zero_stage > 0:
+            return True
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        finite = bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())) if grads else True
+        return eng.all_true(finite)
 
     def _skip_nonfinite(self) -> None:
         c = self.counters
@@ -218,13 +249,18 @@ class Trainer:
         save_grid(x.clamp(-1, 1), self.run.path / name)
 
     def evaluate(self, final: bool) -> list[dict]:
-        records = []
+        records, error = [], None
         if self.dist.rank == 0:
-            records = score(self.method, self.ema_nets(), self.data, self.cfg.eval, self.device,
-                            self.counters.step, grid_dir=self.run.path if final else None)
+            try:
+                records = score(self.method, self.ema_nets(), self.data, self.cfg.eval, self.device,
+                                self.counters.step, grid_dir=self.run.path if final else None)
+            except Exception as exc:     # every rank learns of it, so none waits forever
+                error = f"evaluation failed: {type(exc).__name__}: {exc}"
             for r in records:
                 self.run.log({"step": self.counters.step, **{f"eval/{k}": v for k, v in r.items()}})
             if not final:
                 self.counters.evals.extend(records)
-        eng.barrier()
+        error = eng.broadcast_object(error)
+        if error:
+            raise RuntimeError(error)
         return records

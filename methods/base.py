@@ -1,7 +1,6 @@
 """The method contract and the step context the trainer hands to a method."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -20,25 +19,25 @@ class StepContext:
     total_steps: int               # trainer.steps of the run
     generator: torch.Generator     # seeded from (seed, step, rank): all of the method's own randomness
 
-    def rng_state(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def rng_state(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Snapshot of the global RNG that dropout draws from (replay it for the same dropout mask)."""
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
         return torch.get_rng_state(), cuda
 
-    def set_rng_state(self, state: tuple[torch.Tensor, list[torch.Tensor]]) -> None:
+    def set_rng_state(self, state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
         cpu, cuda = state
         torch.set_rng_state(cpu)
-        if cuda:
-            torch.cuda.set_rng_state_all(cuda)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
         return torch.randn(x.shape, generator=self.generator, device=x.device, dtype=torch.float32)
 
-    def randn(self, *shape: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        return torch.randn(shape, generator=self.generator, device=device, dtype=torch.float32)
+    def randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=self.generator, device=self.generator.device, dtype=torch.float32)
 
-    def rand(self, *shape: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        return torch.rand(shape, generator=self.generator, device=device, dtype=torch.float32)
+    def rand(self, *shape: int) -> torch.Tensor:
+        return torch.rand(shape, generator=self.generator, device=self.generator.device, dtype=torch.float32)
 
 
 class Method:
@@ -76,6 +75,14 @@ class Method:
         """Network evaluations used by `sample(..., steps)`."""
         return steps
 
+    def default_steps(self) -> int:
+        """The method's own N for `eval.steps=[0]` (its paper's multistep setting)."""
+        return 2
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Raise ValueError (one line) for a bad value; called before any work starts."""
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -83,6 +90,3 @@ class Method:
         if state:
             raise ValueError(f"method {self.name} has no state but the checkpoint holds {sorted(state)}")
 
-
-def config_fields(cfg) -> dict[str, Any]:
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}

@@ -7,7 +7,8 @@ import torch
 
 from methods import register
 from methods.base import Method, StepContext
-from methods.common import adaptive_distance, check_choice, lognormal_t, weighting, WEIGHTINGS
+from methods.common import (WEIGHTINGS, adaptive_distance, check_choice, huber_c_for_dim, lognormal_t,
+                            weighting)
 from methods.parameterization import EDMParam, _col
 from methods.sampling import consistency_sample, consistency_times
 
@@ -47,20 +48,30 @@ class ECT(Method):
             "p_mean": -0.8, "p_std": 1.6, "q": 4.0, "stages": 4, "huber_c": 0.06,
             "weighting": "inv_t2_plus_inv_sd2", "mid_t": [1.526],
         },
-        # CPU digits (1x8x8): iCT's c = 0.00054 sqrt(64); CIFAR-10 schedule otherwise.
-        "tiny": {"huber_c": 0.00432},
+        # CPU digits (1x8x8): iCT's c = 0.00054 sqrt(d), d = 64; CIFAR-10 schedule otherwise.
+        "tiny": {"huber_c": huber_c_for_dim(64)},
     }
+
+    @classmethod
+    def check_config(cls, cfg: ECTConfig) -> None:
+        check_choice("method.mapping", cfg.mapping, MAPPINGS)
+        check_choice("method.weighting", cfg.weighting, WEIGHTINGS)
+        if cfg.q <= 1 or cfg.stages < 1 or cfg.stage_steps < 0 or cfg.stage_offset < 0:
+            raise ValueError(f"ECT needs method.q > 1, method.stages >= 1, method.stage_steps >= 0 and "
+                             f"method.stage_offset >= 0 (got {cfg.q}, {cfg.stages}, {cfg.stage_steps}, {cfg.stage_offset})")
 
     def __init__(self, cfg: ECTConfig, data_shape, num_classes):
         super().__init__(cfg, data_shape, num_classes)
-        check_choice("ect.mapping", cfg.mapping, MAPPINGS)
-        check_choice("ect.weighting", cfg.weighting, WEIGHTINGS)
+        self.check_config(cfg)
         self.param = EDMParam(sigma_data=cfg.sigma_data)
         self.eval_param = EDMParam(sigma_data=cfg.sigma_data, shift_sigma_min=cfg.eval_shift_sigma_min)
 
     def stage(self, step: int, total_steps: int) -> int:
-        d = self.cfg.stage_steps or max(total_steps // self.cfg.stages, 1)
-        return step // d + self.cfg.stage_offset
+        """a = floor(step / d) + offset; with d derived from the run length, never past the last stage."""
+        c = self.cfg
+        if c.stage_steps:
+            return step // c.stage_steps + c.stage_offset
+        return min(step // max(total_steps // c.stages, 1), c.stages - 1) + c.stage_offset
 
     def r_of_t(self, t: torch.Tensor, stage: int) -> torch.Tensor:
         """r = max(0, t (1 - n(t) / q^a)) [ECT eq. 15/18]."""
@@ -92,6 +103,9 @@ class ECT(Method):
         loss = (weighting(c.weighting, t, r, c.sigma_data, c.delta) * per).mean()
         return {"loss": loss, "ect/stage": float(stage), "ect/r_over_t": (r / t).mean(),
                 "ect/frac_r0": (~mask).float().mean()}
+
+    def default_steps(self) -> int:
+        return len(self.cfg.mid_t) + 1
 
     @torch.no_grad()
     def sample(self, net, noise, steps, class_labels=None, generator=None):

@@ -34,13 +34,19 @@ class EDM(Method):
     PRESETS = {
         "tiny": {},
         "cifar10": {},
-        "imagenet64": {"p_mean": -0.4, "p_std": 1.0},   # EDM2 ImageNet-64 training distribution
+        "imagenet64": {"p_mean": -0.8, "p_std": 1.6},   # EDM2's img64 presets (as ECT Table 7)
     }
+
+    @classmethod
+    def check_config(cls, cfg: EDMConfig) -> None:
+        check_choice("method.loss", cfg.loss, LOSSES)
+        if cfg.sample_steps < 1:
+            raise ValueError(f"method.sample_steps must be >= 1, got {cfg.sample_steps}")
 
     def __init__(self, cfg: EDMConfig, data_shape, num_classes):
         super().__init__(cfg, data_shape, num_classes)
-        check_choice("edm.loss", cfg.loss, LOSSES)
-        self.param = EDMParam(sigma_data=cfg.sigma_data, consistency=False)
+        self.check_config(cfg)
+        self.param = EDMParam(sigma_data=cfg.sigma_data)
 
     def loss(self, ctx: StepContext, batch):
         x0, y = batch["x"], batch.get("y")

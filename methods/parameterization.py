@@ -18,7 +18,6 @@ def _col(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class EDMParam:
     sigma_data: float = 0.5          # ECT App. C
-    consistency: bool = True         # c_out(0) = 0 boundary (CM); False = EDM denoiser c_out
     shift_sigma_min: float = 0.0     # CM's boundary-shifted form at sigma_min (0 = unshifted)
 
     def c_skip(self, t: torch.Tensor) -> torch.Tensor:

@@ -39,4 +39,4 @@ def test_edm_teacher_then_ect(tmp_path):
     assert final[1] < e[(0, 1)] and final[2] < e[(0, 2)]      # tuning improves 1- and 2-step sampling
     assert final[2] < final[1]                                  # a second step helps
     assert final[2] < t[(0, 18)] / 5                            # far below the initial network
-    assert (tmp_path / "ect" / "samples_ema_std0.050_2step.png").exists()
+    assert (tmp_path / "ect" / "samples_ema_std0.05_2step.png").exists()

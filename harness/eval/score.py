@@ -19,13 +19,17 @@ def generate(method, net, num: int, steps: int, shape, num_classes: int, seed: i
              batch_size: int, device: torch.device) -> torch.Tensor:
     """`num` samples from `net` with `steps` sampler steps; labels drawn uniformly when conditional."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    out = []
-    for start in range(0, num, batch_size):
-        b = min(batch_size, num - start)
-        noise = torch.randn((b, *shape), generator=gen, device=device)
-        labels = (torch.randint(num_classes, (b,), generator=gen, device=device)
-                  if num_classes else None)
-        out.append(method.sample(net, noise, steps, labels, gen).float().cpu())
+    out, was_training = [], net.training
+    net.eval()                                   # no dropout while sampling
+    try:
+        for start in range(0, num, batch_size):
+            b = min(batch_size, num - start)
+            noise = torch.randn((b, *shape), generator=gen, device=device)
+            labels = (torch.randint(num_classes, (b,), generator=gen, device=device)
+                      if num_classes else None)
+            out.append(method.sample(net, noise, steps, labels, gen).float().cpu())
+    finally:
+        net.train(was_training)
     return torch.cat(out)
 
 

@@ -120,3 +120,9 @@ def build_net(cfg: Any, data_shape: tuple[int, ...], num_classes: int) -> nn.Mod
     (0 = unconditional). Use `with torch.device("meta"):` to build without allocating."""
     cfg = _as_config(cfg)
     return ARCHS[cfg.arch][1](cfg, tuple(data_shape), int(num_classes))
+
+
+def uses_forced_weight_norm(net: nn.Module) -> bool:
+    """True when the net renormalizes its stored weights (EDM2's MPConv, forced weight normalization)."""
+    from harness.nets.layers import MPConv
+    return any(isinstance(m, MPConv) for m in net.modules())
