@@ -114,6 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from harness.trainer import check_source_run
+    for key in ("init_from", "teacher"):
+        try:
+            if cfg[key]:
+                check_source_run(cfg[key], cfg.data.name)
+        except ValueError as exc:
+            print(f"error: {key}: {exc}", file=sys.stderr)
+            return 2
     if cfg.launcher.nproc > 1 and "RANK" not in os.environ:
         return _relaunch_distributed(cfg.launcher.nproc, argv)
     try:

@@ -50,8 +50,8 @@ def method_config(cfg: DictConfig):
     return OmegaConf.to_object(cfg.method)
 
 
-def load_run_net(run_dir: str, ema_name: str, data_name: str) -> tuple[dict[str, torch.Tensor], DictConfig]:
-    """EMA weights and model config of another, completed run (init_from / teacher) on the same data."""
+def check_source_run(run_dir: str, data_name: str) -> DictConfig:
+    """The config of a run another one starts from (init_from / teacher): it must be complete, same data."""
     src = RunDir(run_dir)
     if not src.config_path.exists():
         raise ValueError(f"{run_dir} is not a run directory (no config.yaml)")
@@ -61,6 +61,12 @@ def load_run_net(run_dir: str, ema_name: str, data_name: str) -> tuple[dict[str,
         raise ValueError(f"{run_dir} has not completed (status: {status}); finish it first")
     if other.data.name != data_name:
         raise ValueError(f"{run_dir} was trained on {other.data.name}, this run uses {data_name}")
+    return other
+
+
+def load_run_net(run_dir: str, ema_name: str, data_name: str) -> tuple[dict[str, torch.Tensor], DictConfig]:
+    """EMA weights and model config of another, completed run (init_from / teacher) on the same data."""
+    src, other = RunDir(run_dir), check_source_run(run_dir, data_name)
     for ckpt in checkpoint.list_checkpoints(src.path):
         try:
             emas = torch.load(ckpt / "harness.pt", map_location="cpu", weights_only=False)["emas"]

@@ -25,6 +25,13 @@ ROOT = Path(__file__).resolve().parent.parent
     ("method.preset=mnist", "unknown ect preset 'mnist'; valid: auto, cifar10, imagenet64, tiny"),
     ("model.attention=flashy", "unknown attention backend 'flashy'"),
     ("data=cifar10", "data.path"),
+    ("trainer.batch_size=0", r"trainer.steps and trainer.batch_size must be >= 1 \(got 2000, 0\)"),
+    ("trainer.checkpoint_every_steps=0", "trainer.checkpoint_every_steps must be >= 1, got 0"),
+    ("eval.every_steps=-5", "eval.every_steps must be >= 0"),
+    ("trainer.ema_stds=[0.05,0.050]", "two EMAs share a name"),
+    ("trainer.ema_betas=[1.5]", r"trainer.ema_betas must lie in \(0, 1\)"),
+    ("eval.num_samples=1", "eval.num_samples must be >= 2"),
+    ("launcher.nproc=3", "launcher.nproc=3 must be >= 1 and divide trainer.batch_size=128"),
 ])
 def test_bad_input_is_one_clear_line(override, message):
     with pytest.raises(ConfigError, match=message) as info:
@@ -79,3 +86,13 @@ def test_ect_cifar10_recipe_is_table_7(tmp_path):
     assert list(cfg.trainer.ema_betas) == [0.9999]
     m = cfg.method
     assert (m.p_mean, m.p_std, m.weighting, m.huber_c, m.q, m.stages, list(m.mid_t)) == (-1.1, 2.0, "inv_dt", 0.0, 2.0, 8, [0.821])
+
+
+def test_cli_init_from_must_be_a_finished_run(tmp_path):
+    run_dir, source = tmp_path / "never", tmp_path / "missing"
+    proc = subprocess.run([sys.executable, "-m", "harness.train", f"init_from={source}", f"run_dir={run_dir}"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1] == f"error: init_from: {source} is not a run directory (no config.yaml)", proc.stderr
+    assert not run_dir.exists()

@@ -11,7 +11,7 @@ from torch import nn
 import methods
 from harness import checkpoint
 from harness.ema import EMA, std_to_exp
-from harness.engine import lr_factor
+from harness.engine import lr_factor, setup_distributed
 from harness.seeding import EpochSampler
 from harness.train import run
 from harness.trainer import Trainer
@@ -186,3 +186,20 @@ def test_method_state_and_presets_resolve(compose_run):
     assert cfg.method.p_mean == -0.8 and cfg.method.weighting == "inv_t2_plus_inv_sd2"
     assert cfg.method.q == 8.0                                   # the command line wins over the preset
     assert ECTConfig().q == 2.0
+
+
+def test_init_from_loads_the_source_ema_and_refuses_another_network(compose_run, tmp_path):
+    source = run(compose_run("method=edm", "trainer.steps=3", "trainer.ema_betas=[0.9]", "trainer.ema_stds=[0.05]", run_dir="src"))
+    assert source["status"] == "completed"
+    _, _, harness_state = _final_state(tmp_path / "src")
+    cfg = compose_run("method=ect", f"init_from={tmp_path / 'src'}", "init_ema=ema_std0.05", "trainer.steps=1",
+                      run_dir="t")
+    tuned = Trainer(cfg, None, setup_distributed("cpu"))
+    loaded = tuned.engine.module.state_dict()
+    for key, value in harness_state["emas"]["ema_std0.05"].items():
+        assert torch.equal(loaded[key], value), key
+    wrong = run(compose_run("method=ect", "model=unet-s", f"init_from={tmp_path / 'src'}", "trainer.steps=1",
+                            run_dir="wrong"))
+    assert wrong["status"].startswith("failed: ValueError: ") and "does not match this model" in wrong["status"]
+    unfinished = run(compose_run("method=ect", f"init_from={tmp_path / 'wrong'}", "trainer.steps=1", run_dir="u"))
+    assert "has not completed (status: failed: ValueError" in unfinished["status"]
