@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("init_from", "teacher"):
         try:
             if cfg[key]:
-                check_source_run(cfg[key], cfg.data.name)
+                check_source_run(cfg[key], cfg.data)
         except ValueError as exc:
             print(f"error: {key}: {exc}", file=sys.stderr)
             return 2

@@ -50,8 +50,9 @@ def method_config(cfg: DictConfig):
     return OmegaConf.to_object(cfg.method)
 
 
-def check_source_run(run_dir: str, data_name: str) -> DictConfig:
-    """The config of a run another one starts from (init_from / teacher): it must be complete, same data."""
+def check_source_run(run_dir: str, data: DictConfig) -> DictConfig:
+    """The config of a run another one starts from (init_from / teacher): it must be complete, and trained
+    on the same data (name, so image size and channels, and conditioning)."""
     src = RunDir(run_dir)
     if not src.config_path.exists():
         raise ValueError(f"{run_dir} is not a run directory (no config.yaml)")
@@ -59,14 +60,17 @@ def check_source_run(run_dir: str, data_name: str) -> DictConfig:
     status = (src.read_json("result.json") or {}).get("status", "unknown")
     if status != "completed":
         raise ValueError(f"{run_dir} has not completed (status: {status}); finish it first")
-    if other.data.name != data_name:
-        raise ValueError(f"{run_dir} was trained on {other.data.name}, this run uses {data_name}")
+    if other.data.name != data.name:
+        raise ValueError(f"{run_dir} was trained on {other.data.name}, this run uses {data.name}")
+    if other.data.class_conditional != data.class_conditional:
+        raise ValueError(f"{run_dir} has data.class_conditional={other.data.class_conditional}, "
+                         f"this run {data.class_conditional}")
     return other
 
 
-def load_run_net(run_dir: str, ema_name: str, data_name: str) -> tuple[dict[str, torch.Tensor], DictConfig]:
+def load_run_net(run_dir: str, ema_name: str, data: DictConfig) -> tuple[dict[str, torch.Tensor], DictConfig]:
     """EMA weights and model config of another, completed run (init_from / teacher) on the same data."""
-    src, other = RunDir(run_dir), check_source_run(run_dir, data_name)
+    src, other = RunDir(run_dir), check_source_run(run_dir, data)
     for ckpt in checkpoint.list_checkpoints(src.path):
         try:
             emas = torch.load(ckpt / "harness.pt", map_location="cpu", weights_only=False)["emas"]
@@ -107,13 +111,14 @@ class Trainer:
         self.sampler = EpochSampler(len(self.data.x), cfg.seed)
         net = build_net(cfg.model, self.data.shape, self.data.num_classes).to(self.device)
         if cfg.init_from:
-            weights, _ = load_run_net(cfg.init_from, cfg.init_ema, cfg.data.name)
+            weights, _ = load_run_net(cfg.init_from, cfg.init_ema, cfg.data)
             load_weights(net, weights, cfg.init_from)
         if uses_forced_weight_norm(net) and (self.precision != "fp32" or t.zero_stage > 0):
             log.warning("forced weight normalization (EDM2) acts on the module weights only in fp32 with "
                         "ZeRO 0; with %s / ZeRO %d DeepSpeed's master weights are not renormalized",
                         self.precision, t.zero_stage)
         self.method = methods.get(cfg.method.name)(method_config(cfg), self.data.shape, self.data.num_classes)
+        self.method.attach(net)
         self.teacher = self._load_teacher() if cfg.teacher else None
         self.emas = make_emas(net, t.ema_betas, t.ema_stds)
         self.engine = eng.build_engine(net, t, self.precision, dist.world_size)
@@ -122,7 +127,7 @@ class Trainer:
 
     def _load_teacher(self) -> torch.nn.Module:
         cfg = self.cfg
-        weights, model_cfg = load_run_net(cfg.teacher, "", cfg.data.name)
+        weights, model_cfg = load_run_net(cfg.teacher, "", cfg.data)
         net = build_net(model_cfg, self.data.shape, self.data.num_classes)
         load_weights(net, weights, cfg.teacher)
         return net.to(self.device).eval().requires_grad_(False)
@@ -179,6 +184,7 @@ class Trainer:
             return self._skip_nonfinite()
         eng.set_lr(self.engine, step, self.cfg.trainer)
         self.engine.step()
+        self.method.after_step(self.engine.module, step, self.cfg.trainer.steps)
         for e in self.emas:
             e.update(self.engine.module, step)
         self.counters.nonfinite_run = 0

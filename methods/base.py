@@ -83,6 +83,13 @@ class Method:
     def check_config(cls, cfg) -> None:
         """Raise ValueError (one line) for a bad value; called before any work starts."""
 
+    def attach(self, net: nn.Module) -> None:
+        """Called once with the network at its starting weights (after init_from, before resume), e.g.
+        to copy a target network from it."""
+
+    def after_step(self, net: nn.Module, step: int, total_steps: int) -> None:
+        """Called after optimizer step `step` with the updated network (e.g. to move a target EMA)."""
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

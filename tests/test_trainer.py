@@ -28,10 +28,12 @@ def _final_state(run_dir: Path):
     return newest.name, _module_weights(newest), torch.load(newest / "harness.pt", weights_only=False)
 
 
-def test_exact_resume_is_bitwise(compose_run, monkeypatch, tmp_path):
-    """2k steps straight == k steps, interrupted, resumed for k more: same weights, EMAs, optimizer."""
+@pytest.mark.parametrize("method", ["ect", "ct"])
+def test_exact_resume_is_bitwise(method, compose_run, monkeypatch, tmp_path):
+    """2k steps straight == k steps, interrupted, resumed for k more: same weights, EMAs, optimizer, and
+    the method's state (CT's target EMA network)."""
     k = 6
-    common = ("method=ect", f"trainer.steps={2 * k}", f"trainer.checkpoint_every_steps={k}",
+    common = (f"method={method}", f"trainer.steps={2 * k}", f"trainer.checkpoint_every_steps={k}",
               "trainer.ema_betas=[0.9]", "trainer.ema_stds=[0.1]", "model.dropout=0.1")
     straight = compose_run(*common, run_dir="straight")
     assert run(straight)["status"] == "completed"
@@ -57,6 +59,10 @@ def test_exact_resume_is_bitwise(compose_run, monkeypatch, tmp_path):
     assert name_a == name_b == f"step-{2 * k:07d}"
     for key in w_a:
         assert torch.equal(w_a[key], w_b[key]), key
+    target_a, target_b = h_a["method"].get("target"), h_b["method"].get("target")
+    assert (target_a is not None) == (method == "ct")
+    for key in target_a or {}:
+        assert torch.equal(target_a[key], target_b[key]), key
     for ema in h_a["emas"]:
         for key in h_a["emas"][ema]:
             assert torch.equal(h_a["emas"][ema][key], h_b["emas"][ema][key]), (ema, key)
