@@ -311,3 +311,26 @@ def test_lpips_loads_the_official_file_layout(tmp_path):
     (tmp_path / LIN_FILE).unlink()
     with pytest.raises(FileNotFoundError, match=f"LPIPS weight file {tmp_path}/{LIN_FILE} is missing: fetch"):
         load_lpips(str(tmp_path))
+
+
+def test_cd_teacher_on_other_data_is_refused_before_training(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from harness.rundir import RunDir
+    from harness.trainer import check_source_run
+    teacher_dir = tmp_path / "teacher"
+    source = RunDir(teacher_dir)
+    source.prepare(compose(["method=edm", "data=swissroll", "model=mlp-xs", f"run_dir={teacher_dir}"]))
+    source.write_json("result.json", {"status": "completed"})
+    digits = compose(["method=cd", f"teacher={teacher_dir}"]).data
+    with pytest.raises(ValueError, match=f"{teacher_dir} was trained on swissroll, this run uses digits"):
+        check_source_run(str(teacher_dir), digits)
+    student = tmp_path / "student"
+    proc = subprocess.run([sys.executable, "-m", "harness.train", "method=cd", f"teacher={teacher_dir}",
+                           f"run_dir={student}"], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 2 and not student.exists()
+    assert proc.stderr.strip().splitlines()[-1] == \
+        f"error: teacher: {teacher_dir} was trained on swissroll, this run uses digits"
