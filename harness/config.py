@@ -37,8 +37,11 @@ class TrainerConfig:
     lr_schedule: str = "constant"      # constant | inverse_sqrt (EDM2 eq. 16: lr / sqrt(max(step / ref, 1)))
     lr_ref_steps: int = 2000           # t_ref of inverse_sqrt [EDM2; ECT Table 7]
     lr_warmup_steps: int = 0           # linear ramp-up from 0
-    ema_betas: list[float] = field(default_factory=lambda: [0.9999])   # traditional EMAs [ECT Table 7]
-    ema_stds: list[float] = field(default_factory=list)                # EDM2 power-function EMAs, sigma_rel
+    # EMAs kept for sampling. Default: one EDM2 power-function EMA (sigma_rel 0.05), whose width is relative
+    # to the run's length, so a 200-step run and a 200k-step run both get a useful average; the papers'
+    # traditional EMAs (e.g. ECT Table 7's 0.9999) come with their recipes.
+    ema_betas: list[float] = field(default_factory=list)                # traditional EMAs, beta
+    ema_stds: list[float] = field(default_factory=lambda: [0.05])       # EDM2 power-function EMAs, sigma_rel
     checkpoint_every_steps: int = 1000
     keep_checkpoints: int = 2          # newest checkpoints kept (older ones deleted)
     log_every_steps: int = 50
