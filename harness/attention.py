@@ -103,3 +103,11 @@ def _xformers_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 register_backend("math", _math_attention)
 register_backend("sdpa", _sdpa_attention)
 register_backend("xformers", _xformers_attention, check=_check_xformers)
+
+
+def _register_jvp_flash() -> None:
+    from harness.jvp_attention import jvp_flash_attention
+    register_backend("jvp_flash", jvp_flash_attention)
+
+
+_register_jvp_flash()

@@ -60,9 +60,9 @@ def test_math_keeps_input_dtype_and_computes_in_float32():
 
 def test_unknown_backend_names_valid_ones():
     q = torch.randn(1, 1, 4, 4)
-    with pytest.raises(ValueError, match=r"unknown attention backend 'foo'; valid: math, sdpa, xformers"):
+    with pytest.raises(ValueError, match=r"unknown attention backend 'foo'; valid: math, sdpa, xformers, jvp_flash"):
         attention(q, q, q, backend="foo")
-    with pytest.raises(ValueError, match="valid: math, sdpa, xformers"):
+    with pytest.raises(ValueError, match="valid: math, sdpa, xformers, jvp_flash"):
         check_backend("foo")
 
 
