@@ -183,10 +183,12 @@ class Trainer:
         if not self._grads_finite():
             return self._skip_nonfinite()
         eng.set_lr(self.engine, step, self.cfg.trainer)
+        skipped = getattr(self.engine, "skipped_steps", 0)
         self.engine.step()
-        self.method.after_step(self.engine.module, step, self.cfg.trainer.steps)
-        for e in self.emas:
-            e.update(self.engine.module, step)
+        if getattr(self.engine, "skipped_steps", 0) == skipped:     # fp16 overflow: weights unchanged
+            self.method.after_step(self.engine.module, step, self.cfg.trainer.steps)
+            for e in self.emas:
+                e.update(self.engine.module, step)
         self.counters.nonfinite_run = 0
         return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}
 

@@ -35,7 +35,8 @@ MU_DIVISORS = ("n", "n_minus_1")
 def ct_num_scales(k: int, total: int, s0: int, s1: int) -> int:
     """N(k) = ceil(sqrt(k/K ((s1 + 1)^2 - s0^2) + s0^2) - 1) + 1 [CM App. C; spec B.4]."""
     frac = k / max(total, 1)
-    return int(math.ceil(math.sqrt(frac * ((s1 + 1) ** 2 - s0 ** 2) + s0 ** 2) - 1)) + 1
+    # at least one interval (s0 = 1 gives ceil(0) = 0 at k = 0), as the CM code's max(., 1)
+    return max(int(math.ceil(math.sqrt(frac * ((s1 + 1) ** 2 - s0 ** 2) + s0 ** 2) - 1)), 1) + 1
 
 
 def ct_target_mu(n: int, s0: int, mu0: float, divisor: str = "n") -> float:
@@ -71,13 +72,17 @@ class CMConfig:
     sigma_max: float = 80.0         # T = t_N [CM App. C]
     rho: float = 7.0                # Karras grid [CM App. C]
     boundary_shift: bool = True     # c_skip, c_out with (t - sigma_min), so f(x, sigma_min) = x [CM App. C]
-    distance: str = "l2"            # l2 (squared, per sample) | l1 | pseudo_huber | lpips
+    distance: str = "l2"            # l2: squared norm summed per sample (the CM code averages; Adam does
+                                    # not care, but grad_clip thresholds scale by d) | l1 | pseudo_huber | lpips
     huber_c: float = -1.0           # pseudo-Huber c; < 0: iCT's 0.00054 sqrt(d) [iCT §3.3]
     lpips_weights: str = ""         # folder holding vgg16-397923af.pth and vgg.pth, for distance=lpips
     lpips_resize: int = 224         # bilinear resize before LPIPS [CM code]
     weighting: str = "uniform"      # uniform: lambda = 1 [CM]; inv_dt: 1/(t_{i+1} - t_i) [iCT §3.2]
     shared_dropout_mask: bool = True  # the target pass replays the student's dropout RNG [iCT]
-    mid_t: list[float] = field(default_factory=lambda: [0.821])   # 2-step mid-point [iCT, CIFAR-10]
+    # 2-step mid-point: iCT's CIFAR-10 value; for CT and CD on CIFAR-10 a stand-in (the CM paper tuned its
+    # own by ternary search and does not print it)
+    mid_t: list[float] = field(default_factory=lambda: [0.821])
+    clip_denoised: bool = True      # clamp each denoised sample to [-1, 1] before re-noising [CM code sampler]
 
 
 @dataclass
@@ -244,9 +249,12 @@ class DiscreteCM(Method):
     def sample(self, net, noise, steps, class_labels=None, generator=None):
         """CM Alg. 1: 1 step from T, re-noising to the next time with sqrt(t^2 - sigma_min^2)."""
         c = self.cfg
-        times = consistency_times(steps, c.sigma_max, c.mid_t, c.sigma_min)
-        return consistency_sample(lambda x, t: self.param.denoise(net, x, t, class_labels),
-                                  noise, times, generator, sigma_min=c.sigma_min)
+        times = consistency_times(steps, c.sigma_max, c.mid_t, c.sigma_min, c.rho)
+
+        def f(x, t):
+            x0 = self.param.denoise(net, x, t, class_labels)
+            return x0.clamp(-1, 1) if c.clip_denoised else x0
+        return consistency_sample(f, noise, times, generator, sigma_min=c.sigma_min)
 
 
 @register("ct")

@@ -2,8 +2,8 @@
 
 d(x, y) = sum_l mean_hw( w_l . (phi_l(x)/|phi_l(x)| - phi_l(y)/|phi_l(y)|)^2 ), phi_l the VGG16 relu1_2,
 relu2_2, relu3_3, relu4_3 and relu5_3 activations of inputs in [-1, 1] after LPIPS's scaling layer, w_l
-the learned non-negative 1x1 linear weights. Images are bilinearly resized to 224 first, as the CM code
-does for images smaller than 256. Weights are read from local files only (no download):
+the learned non-negative 1x1 linear weights. Images smaller than 256 are bilinearly resized to 224 first,
+as the CM code does. Weights are read from local files only (no download):
 
 - `vgg16-397923af.pth`: torchvision's ImageNet VGG16 (https://download.pytorch.org/models/vgg16-397923af.pth)
 - `vgg.pth`: LPIPS v0.1 linear layers (richzhang/PerceptualSimilarity, lpips/weights/v0.1/vgg.pth)
@@ -53,7 +53,7 @@ class LPIPS(nn.Module):
     def _feats(self, x: torch.Tensor) -> list[torch.Tensor]:
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)                        # grayscale digits: the same image in RGB
-        if self.resize and x.shape[-1] != self.resize:
+        if self.resize and x.shape[-1] < 256:                  # the CM code resizes images below 256
             x = F.interpolate(x, size=(self.resize, self.resize), mode="bilinear", align_corners=False)
         h, out = (x - self.shift) / self.scale, []
         for i, layer in enumerate(self.features[: self.taps[-1] + 1]):

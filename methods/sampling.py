@@ -11,11 +11,11 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]   # (x [B, ...],
 
 
 def consistency_times(steps: int, sigma_max: float, mid_t: Sequence[float],
-                      sigma_min: float = 0.002) -> list[float]:
+                      sigma_min: float = 0.002, rho: float = 7.0) -> list[float]:
     """Time grid of an n-step consistency sampler.
 
     1 step: [T]; n - 1 == len(mid_t): [T, *mid_t] (the paper's mid-points, e.g. 0.821 on CIFAR-10);
-    otherwise the first n points of a Karras rho = 7 grid of n + 1 points from T to sigma_min.
+    otherwise the first n points of a Karras (rho) grid of n + 1 points from T to sigma_min.
     """
     if steps < 1:
         raise ValueError(f"sampler steps must be >= 1, got {steps}")
@@ -23,7 +23,7 @@ def consistency_times(steps: int, sigma_max: float, mid_t: Sequence[float],
         return [sigma_max]
     if steps - 1 == len(mid_t):
         return [sigma_max, *mid_t]
-    return karras_sigmas(steps + 1, sigma_min, sigma_max).tolist()[:steps]
+    return karras_sigmas(steps + 1, sigma_min, sigma_max, rho).tolist()[:steps]
 
 
 @torch.no_grad()

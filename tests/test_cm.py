@@ -27,6 +27,10 @@ def test_ct_curriculum_matches_the_spec_table(k, n, mu):
     assert ct_target_mu(n, 2, 0.9) == pytest.approx(mu, abs=5e-6)
 
 
+def test_ct_curriculum_keeps_one_interval_when_s0_is_1():
+    assert ct_num_scales(0, 100, 1, 150) == 2 and ct_num_scales(100, 100, 1, 150) == 151
+
+
 def test_ct_target_mu_code_form_divides_by_n_minus_1():
     assert ct_target_mu(2, 2, 0.9, "n_minus_1") == pytest.approx(0.81)                # spec B.4
     assert ct_target_mu(151, 2, 0.9, "n_minus_1") == pytest.approx(math.exp(2 * math.log(0.9) / 150))
@@ -246,12 +250,19 @@ def test_multistep_sampling_renoises_with_sqrt_t2_minus_eps2():
     assert calls[1][1].tolist() == pytest.approx([0.821] * 4)
 
 
-@pytest.mark.parametrize("name,preset,mid", [("ct", "imagenet64", 1.9128), ("cd", "imagenet64", 1.3824),
+def _official_tau(steps, index):
+    # the CM code's ts index on a descending Karras grid of `steps` points (spec B.7)
+    rho = 7.0
+    return (80 ** (1 / rho) + index / (steps - 1) * (0.002 ** (1 / rho) - 80 ** (1 / rho))) ** rho
+
+
+@pytest.mark.parametrize("name,preset,mid", [("ct", "imagenet64", _official_tau(201, 106)),
+                                             ("cd", "imagenet64", _official_tau(40, 22)),
                                              ("ict", "imagenet64", 1.526), ("ict", "cifar10", 0.821)])
 def test_two_step_mid_points_per_preset(name, preset, mid):
     cls = methods.get(name)
     cfg = cls.Config(**{**cls.PRESETS[preset], "distance": "l2"})
-    assert cfg.mid_t == [mid] and cls(cfg, SHAPE, 0).default_steps() == 2
+    assert cfg.mid_t == [pytest.approx(mid, abs=5e-5)] and cls(cfg, SHAPE, 0).default_steps() == 2
 
 
 # -- config ------------------------------------------------------------------------------------------
@@ -299,6 +310,9 @@ def test_lpips_formula_on_a_stand_in_network():
 def test_lpips_loads_the_official_file_layout(tmp_path):
     from torchvision.models import vgg16
     features = vgg16(weights=None).features
+    # the taps are relu1_2 ... relu5_3: the ReLU just before each max-pool of VGG16
+    assert [i - 1 for i, m in enumerate(features) if isinstance(m, nn.MaxPool2d)] == list(VGG_TAPS)
+    assert all(isinstance(features[i], nn.ReLU) for i in VGG_TAPS)
     torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, tmp_path / VGG_FILE)
     lins = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate((64, 128, 256, 512, 512))}
     torch.save(lins, tmp_path / LIN_FILE)
