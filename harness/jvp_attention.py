@@ -9,17 +9,30 @@ t_x_j = kappa (t_q.k_j + q.t_k_j) and p = softmax(x),
 accumulated over key blocks with a running max m, normalizer l, O_t = sum e^(x - m) t_V,
 G = sum e^(x - m) t_x V and mu = sum e^(x - m) t_x, so no N x N score matrix or its tangent is
 ever held; memory is O(N * block). Gradients reach q, k and v through the primal output (the backward
-recomputes ordinary attention). This file is the PyTorch path (CPU, and any device); the Triton kernel
-for GPU computes the same accumulators in one pass.
+recomputes ordinary attention). This file holds the PyTorch path (CPU); on CUDA the JVP runs the Triton
+kernel of harness/triton_jvp_attention.py, which computes the same accumulators in one pass.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import Tensor
 
 BLOCK = 64           # keys per block of the online softmax (64: lowest peak memory on CPU at N = 4096)
+
+
+def use_triton(q: Tensor) -> bool:
+    """The Triton kernel on CUDA tensors, and on CPU when TRITON_INTERPRET=1 (its test mode)."""
+    return q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _unwrap(t: Tensor) -> Tensor:
+    from torch._C._functorch import get_unwrapped, is_functorch_wrapped_tensor
+    while is_functorch_wrapped_tensor(t):
+        t = get_unwrapped(t)
+    return t
 
 
 def _attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -73,7 +86,13 @@ class _JVPFlashAttention(torch.autograd.Function):
     def jvp(ctx, tq: Tensor | None, tk: Tensor | None, tv: Tensor | None) -> Tensor:
         q, k, v = ctx.saved_tensors
         tq, tk, tv = (torch.zeros_like(p) if t is None else t for p, t in ((q, tq), (k, tk), (v, tv)))
-        _, t_y = attention_jvp_blockwise(q, k, v, tq, tk, tv)
+        if use_triton(q):
+            from harness.triton_jvp_attention import attention_jvp_triton
+            # a kernel reads raw memory: hand it the plain tensors under torch.func's wrappers
+            with torch._C._DisableFuncTorch():
+                _, t_y, _ = attention_jvp_triton(*(_unwrap(t) for t in (q, k, v, tq, tk, tv)))
+        else:
+            _, t_y = attention_jvp_blockwise(q, k, v, tq, tk, tv)
         return t_y.to(q.dtype)
 
     @staticmethod
