@@ -80,3 +80,16 @@ def test_discrete_consistency_methods_learn_the_digits(method, teacher, tmp_path
     else:
         # Trained from scratch: 2 steps beat 1 (the CM and iCT papers' ordering) and beat the untrained net.
         assert final[2] < final[1] and final[2] < untrained_2step / 3
+
+
+@pytest.mark.slow
+def test_trigflow_teacher_learns_the_digits(teacher, tmp_path):
+    # Same setup as the EDM teacher; TrigFlow's loss is EDM's in other variables, so it lands as close.
+    result = run(compose([*COMMON, "method=trigflow", "trainer.steps=600", "trainer.lr=3e-3",
+                          "trainer.lr_schedule=inverse_sqrt", "trainer.lr_ref_steps=300",
+                          "eval.steps=[1,0]", f"run_dir={tmp_path / 'trigflow'}"]))
+    assert result["status"] == "completed"
+    final = {s["steps"]: s["value"] for s in result["scores"]}
+    edm = {s["steps"]: s["value"] for s in teacher[1]["scores"]}
+    assert final[18] < 4 * result["scores"][0]["floor"] + 1.0
+    assert final[18] < 2 * edm[18] + 0.5
