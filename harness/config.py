@@ -271,6 +271,9 @@ def validate(cfg: DictConfig) -> None:
         methods.get(cfg.method.name).check_config(OmegaConf.to_object(cfg.method))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if cfg.method.get("adaptive_weight") and not cfg.model.get("logvar"):
+        raise ConfigError(f"method.adaptive_weight=true ({cfg.method.name}) needs the network's log-variance head: "
+                          f"set model.logvar=true, or method.adaptive_weight=false")
     if methods.get(cfg.method.name).needs_teacher and not cfg.teacher:
         raise ConfigError(f"method {cfg.method.name} distills a teacher: set teacher=RUN_DIR (a finished run)")
 

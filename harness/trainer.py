@@ -91,10 +91,14 @@ def load_weights(net: torch.nn.Module, weights: dict[str, torch.Tensor], source:
     """Load another run's weights, refusing (in one line) a network of another shape."""
     mine = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     theirs = {k: tuple(v.shape) for k, v in weights.items()}
-    if mine != theirs:
+    # a source without a log-variance head (e.g. a teacher for sCT) leaves this run's new head at its init
+    fresh_head = {k for k in set(mine) - set(theirs) if k.startswith("logvar_head.")}
+    if {k: s for k, s in mine.items() if k not in fresh_head} != theirs:
         diff = sorted(set(mine.items()) ^ set(theirs.items()))[0]
         raise ValueError(f"{source}'s network does not match this model (first difference: {diff[0]} {diff[1]})")
-    net.load_state_dict(weights)
+    if fresh_head:
+        log.info("%s has no log-variance head: this run's starts at its initialization", source)
+    net.load_state_dict(weights, strict=not fresh_head)
 
 
 class Trainer:

@@ -1,0 +1,153 @@
+"""sCT and sCD: continuous-time consistency models in TrigFlow (Lu & Song 2024, Algorithm 1).
+
+Per step [spec scm.md 2.10]: t from the proposal, x_t = cos t x0 + sin t z, the velocity v = dx_t/dt
+(sCT: cos t z - sin t x0; sCD: the frozen TrigFlow teacher's), one no-grad torch.func.jvp of F on the
+unwrapped module at primal (x_t/sigma_d, t) with the rearranged tangent (cos t sin t v, sigma_d cos t sin t)
+[sCM §5.1], then
+    g = -cos^2 t (sigma_d F- - v) - r (cos t sin t x_t + JVP),   r = min(1, step/H)        [sCM eq. 6, 2.5]
+    g <- g / (||g|| + c)                                                                    [sCM 2.4]
+    loss = e^{w(t)}/D ||F - F- - g||^2 - w(t),  w = -logvar head of the network            [sCM eq. 8]
+with the gradient pass through the engine, replaying the JVP pass's dropout mask. No extra 1/sigma prior
+weight: it is already the cos t factor of g [spec 2.3].
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from methods import register
+from methods.base import Method, StepContext
+from methods.common import check_choice, per_sample_sq
+from methods.parameterization import _col
+from methods.trigflow import TrigParam, proposal_t
+
+TANGENT_NORMS = ("l2", "rms", "clip", "none")
+
+
+@dataclass
+class SCMConfig:
+    name: str = "sct"
+    preset: str = "auto"            # auto | tiny | cifar10 | imagenet64
+    sigma_data: float = 0.5         # sCM (as EDM)
+    p_mean: float = -1.0            # proposal [sCM App. G.2, CIFAR-10 CM]
+    p_std: float = 1.4
+    warmup_steps: int = 10000       # H of the tangent warmup r = min(1, step/H) [sCM §4.2]
+    tangent_norm: str = "l2"        # l2: g/(||g|| + c) per sample [sCM Alg. 1] | rms: ||g||/sqrt(D) | clip: [-1, 1] | none
+    norm_c: float = 0.1             # c of the tangent normalization [sCM §4.2]
+    adaptive_weight: bool = True    # learned w(t) = -logvar head (needs model.logvar=true) [sCM §4.2, App. D]
+    shared_dropout_mask: bool = True  # gradient pass replays the JVP pass's dropout mask [spec 2.9]
+    sigma_max: float = 80.0         # sampling starts at t = arctan(sigma_max / sigma_d) [spec 6]
+    mid_t: list[float] = field(default_factory=lambda: [1.1])   # 2-step intermediate TrigFlow time [sCM §6]
+
+
+@dataclass
+class SCDConfig(SCMConfig):
+    name: str = "scd"
+
+
+class SCM(Method):
+    PRESETS = {
+        "cifar10": {},
+        "imagenet64": {"p_std": 1.6},                # sCM Table 3
+        "tiny": {"warmup_steps": 100},               # CPU runs of a few hundred steps
+    }
+
+    @classmethod
+    def check_config(cls, cfg: SCMConfig) -> None:
+        check_choice("method.tangent_norm", cfg.tangent_norm, TANGENT_NORMS)
+        if cfg.warmup_steps < 0 or cfg.norm_c <= 0 or cfg.p_std <= 0:
+            raise ValueError(f"{cfg.name} needs method.warmup_steps >= 0, method.norm_c > 0, method.p_std > 0 "
+                             f"(got {cfg.warmup_steps}, {cfg.norm_c}, {cfg.p_std})")
+
+    def __init__(self, cfg: SCMConfig, data_shape, num_classes):
+        super().__init__(cfg, data_shape, num_classes)
+        self.check_config(cfg)
+        self.param = TrigParam(cfg.sigma_data)
+
+    def velocity(self, ctx: StepContext, x0, z, x_t, t, y) -> torch.Tensor:
+        """dx_t/dt: the single-sample estimate cos t z - sin t x0 (sCT)."""
+        tc = _col(t, x0)
+        return torch.cos(tc) * z - torch.sin(tc) * x0
+
+    def normalize(self, g: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
+        if c.tangent_norm == "clip":
+            return g.clamp(-1, 1)
+        if c.tangent_norm == "none":
+            return g
+        norm = per_sample_sq(g).sqrt()
+        if c.tangent_norm == "rms":
+            norm = norm / math.sqrt(g[0].numel())
+        return g / _col(norm + c.norm_c, g)
+
+    def loss(self, ctx: StepContext, batch):
+        c, sd = self.cfg, self.cfg.sigma_data
+        x0, y = batch["x"], batch.get("y")
+        t = proposal_t(x0.shape[0], c.p_mean, c.p_std, sd, ctx.generator, x0.device)
+        z = ctx.randn_like(x0) * sd
+        cos, sin = torch.cos(_col(t, x0)), torch.sin(_col(t, x0))
+        x_t = cos * x0 + sin * z
+        with torch.no_grad():
+            v = self.velocity(ctx, x0, z, x_t, t, y)
+        r = min(1.0, ctx.step / c.warmup_steps) if c.warmup_steps else 1.0
+        rng = ctx.rng_state()
+        with torch.no_grad():
+            f_minus, jvp_out = torch.func.jvp(lambda u, tt: ctx.net_nograd(u, tt, y), (x_t / sd, t),
+                                              (cos * sin * v, sd * torch.cos(t) * torch.sin(t)))
+            f_minus, jvp_out = f_minus.float(), jvp_out.float()
+            g_raw = -cos ** 2 * (sd * f_minus - v) - r * (cos * sin * x_t + jvp_out)
+            g = self.normalize(g_raw)
+        if c.shared_dropout_mask:
+            ctx.set_rng_state(rng)
+        if c.adaptive_weight:
+            F, logvar = ctx.net(x_t / sd, t, y, return_logvar=True)
+            w = -logvar.float().reshape(-1)
+        else:
+            F, w = ctx.net(x_t / sd, t, y), torch.zeros_like(t)
+        per = per_sample_sq(F.float() - f_minus - g) / g[0].numel()
+        loss = (torch.exp(w) * per - w).mean()
+        return {"loss": loss, f"{self.name}/r": r, f"{self.name}/g_raw_norm": per_sample_sq(g_raw).sqrt().mean(),
+                f"{self.name}/jvp_finite": torch.isfinite(jvp_out).all().float(), f"{self.name}/w_mean": w.mean()}
+
+    def default_steps(self) -> int:
+        return len(self.cfg.mid_t) + 1
+
+    @torch.no_grad()
+    def sample(self, net, noise, steps, class_labels=None, generator=None):
+        """1 step from t_max = arctan(sigma_max/sigma_d); then re-noise x = cos s x0 + sin s z' [sCM §6]."""
+        c, sd = self.cfg, self.cfg.sigma_data
+        if steps == 1 or steps - 1 == len(c.mid_t):
+            times = [math.atan(c.sigma_max / sd), *c.mid_t[: steps - 1]]
+        else:      # evenly spaced in t below t_max (no paper grid beyond 2 steps)
+            t_max = math.atan(c.sigma_max / sd)
+            times = [t_max * (1 - i / steps) for i in range(steps)]
+        batch = noise.shape[0]
+        x = self.param.denoise(net, noise.float() * sd, torch.full((batch,), times[0], device=noise.device),
+                               class_labels)
+        for s in times[1:]:
+            z = torch.randn(noise.shape, generator=generator, device=noise.device, dtype=torch.float32) * sd
+            x = math.cos(s) * x + math.sin(s) * z
+            x = self.param.denoise(net, x, torch.full((batch,), s, device=noise.device), class_labels)
+        return x
+
+
+@register("sct")
+class SCT(SCM):
+    """sCT: v is the single-sample estimate; the paper initializes from a TrigFlow teacher (init_from)."""
+
+    Config = SCMConfig
+
+
+@register("scd")
+class SCD(SCM):
+    """sCD: v is the frozen TrigFlow teacher's velocity sigma_d F_teacher(x_t/sigma_d, t) (a `trigflow` run)."""
+
+    Config = SCDConfig
+    needs_teacher = True
+
+    def velocity(self, ctx, x0, z, x_t, t, y):
+        if ctx.teacher is None:
+            raise ValueError("scd needs a teacher: set teacher=RUN_DIR (a finished trigflow run on this data)")
+        return self.param.velocity(ctx.teacher, x_t, t, y)
