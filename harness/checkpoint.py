@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from harness import engine as eng
+from harness.rundir import first_line
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^step-(\d{7,})$")
@@ -120,8 +121,7 @@ def load_latest(engine, run_dir: Path, rank: int,
             except Exception as exc:
                 problem = exc
         if not eng.all_true(problem is None):   # unreadable here or on another rank: the one before it
-            reason = f"{type(problem).__name__}: {str(problem).splitlines()[0] if str(problem) else ''}" \
-                if problem else "unreadable on another rank"
+            reason = f"{type(problem).__name__}: {first_line(problem)}" if problem else "unreadable on another rank"
             log.warning("checkpoint %s is unreadable (%s); trying the previous one", path, reason)
             continue
         if rng is not None:

@@ -268,12 +268,11 @@ def validate(cfg: DictConfig) -> None:
     try:
         check_backend(cfg.model.attention)
         check_data_config(cfg.data)
-        methods.get(cfg.method.name).check_config(OmegaConf.to_object(cfg.method))
+        method_cls, method_cfg = methods.get(cfg.method.name), OmegaConf.to_object(cfg.method)
+        method_cls.check_config(method_cfg)
+        method_cls.check_model(method_cfg, cfg.model)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if cfg.method.get("adaptive_weight") and not cfg.model.get("logvar"):
-        raise ConfigError(f"method.adaptive_weight=true ({cfg.method.name}) needs the network's log-variance head: "
-                          f"set model.logvar=true, or method.adaptive_weight=false")
     if methods.get(cfg.method.name).needs_teacher and not cfg.teacher:
         raise ConfigError(f"method {cfg.method.name} distills a teacher: set teacher=RUN_DIR (a finished run)")
 

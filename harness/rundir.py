@@ -18,6 +18,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message ("" when it has none), for one-line statuses."""
+    text = str(exc)
+    return text.splitlines()[0] if text else ""
+
+
 class RunDirError(ValueError):
     pass
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from harness.config import ConfigError, compose, default_run_dir
-from harness.rundir import RunDir, RunDirError
+from harness.rundir import RunDir, RunDirError, first_line
 
 log = logging.getLogger("harness.train")
 
@@ -75,7 +75,7 @@ def run(cfg: DictConfig) -> dict:
     except NonFiniteLoss as exc:
         result = {"status": f"failed: {exc}", "run_dir": str(run_dir.path)}
     except Exception as exc:
-        result = {"status": f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+        result = {"status": f"failed: {type(exc).__name__}: {first_line(exc)}",
                   "run_dir": str(run_dir.path), "traceback": traceback.format_exc()}
     if dist.rank == 0:
         run_dir.write_json("result.json", result)
@@ -97,7 +97,7 @@ def _relaunch_distributed(nproc: int, argv: list[str]) -> int:
     try:
         torchrun(["--standalone", f"--nproc_per_node={nproc}", "-m", "harness.train", *argv])
     except ChildFailedError as exc:
-        print(f"error: a rank failed ({str(exc).splitlines()[0] if str(exc) else 'see its output above'})",
+        print(f"error: a rank failed ({first_line(exc) or 'see its output above'})",
               file=sys.stderr)
         return 1
     return 0

@@ -51,6 +51,7 @@ class Method:
     needs_teacher: ClassVar[bool] = False
 
     def __init__(self, cfg, data_shape: tuple[int, ...], num_classes: int):
+        self.check_config(cfg)
         self.cfg = cfg
         self.data_shape = tuple(data_shape)
         self.num_classes = num_classes
@@ -81,7 +82,12 @@ class Method:
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        """Raise ValueError (one line) for a bad value; called before any work starts."""
+        """Raise ValueError (one line) for a bad value; called before any work starts (by the config
+        check, and again by __init__ for a method built directly)."""
+
+    @classmethod
+    def check_model(cls, cfg, model) -> None:
+        """Raise ValueError (one line) when the network config `model` cannot serve this method config."""
 
     def attach(self, net: nn.Module) -> None:
         """Called once with the network at its starting weights (after init_from, before resume), e.g.

@@ -121,7 +121,6 @@ class DiscreteCM(Method):
 
     def __init__(self, cfg: CMConfig, data_shape, num_classes):
         super().__init__(cfg, data_shape, num_classes)
-        self.check_config(cfg)
         shift = cfg.sigma_min if cfg.boundary_shift else 0.0
         self.param = EDMParam(sigma_data=cfg.sigma_data, shift_sigma_min=shift)
         self.huber_c = cfg.huber_c if cfg.huber_c >= 0 else huber_c_for_dim(math.prod(self.data_shape))

@@ -62,7 +62,6 @@ class ECT(Method):
 
     def __init__(self, cfg: ECTConfig, data_shape, num_classes):
         super().__init__(cfg, data_shape, num_classes)
-        self.check_config(cfg)
         self.param = EDMParam(sigma_data=cfg.sigma_data)
         self.eval_param = EDMParam(sigma_data=cfg.sigma_data, shift_sigma_min=cfg.eval_shift_sigma_min)
 

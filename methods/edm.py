@@ -45,7 +45,6 @@ class EDM(Method):
 
     def __init__(self, cfg: EDMConfig, data_shape, num_classes):
         super().__init__(cfg, data_shape, num_classes)
-        self.check_config(cfg)
         self.param = EDMParam(sigma_data=cfg.sigma_data)
 
     def loss(self, ctx: StepContext, batch):

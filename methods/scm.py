@@ -61,9 +61,14 @@ class SCM(Method):
             raise ValueError(f"{cfg.name} needs method.warmup_steps >= 0, method.norm_c > 0, method.p_std > 0 "
                              f"(got {cfg.warmup_steps}, {cfg.norm_c}, {cfg.p_std})")
 
+    @classmethod
+    def check_model(cls, cfg: SCMConfig, model) -> None:
+        if cfg.adaptive_weight and not model.get("logvar"):
+            raise ValueError(f"method.adaptive_weight=true ({cfg.name}) needs the network's log-variance head: "
+                             f"set model.logvar=true, or method.adaptive_weight=false")
+
     def __init__(self, cfg: SCMConfig, data_shape, num_classes):
         super().__init__(cfg, data_shape, num_classes)
-        self.check_config(cfg)
         self.param = TrigParam(cfg.sigma_data)
 
     def velocity(self, ctx: StepContext, x0, z, x_t, t, y) -> torch.Tensor:

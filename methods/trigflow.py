@@ -98,7 +98,6 @@ class TrigFlow(Method):
 
     def __init__(self, cfg: TrigFlowConfig, data_shape, num_classes):
         super().__init__(cfg, data_shape, num_classes)
-        self.check_config(cfg)
         self.param = TrigParam(cfg.sigma_data)
 
     def loss(self, ctx: StepContext, batch):
