@@ -60,6 +60,13 @@ class EvalConfig:
     seed: int = 0                      # sampling seed
     batch_size: int = 500
     grid: bool = True                  # write samples_<ema>_<steps>step.png
+    # auto: digits_fd on digits, fid on cifar10/imagenet64, energy on 2-D | pixel_fd | digits_fd | fid | energy | sliced_wasserstein
+    metric: str = "auto"
+    cache_dir: str = ""                # digits classifier, FID reference statistics ("" = <repo>/results/cache)
+    inception_path: str = ""           # FID: clean-fid's inception-2015-12-05.pt (file or folder); "" = its cache, /tmp
+    fid_mode: str = "clean"            # clean-fid mode: clean | legacy_tensorflow
+    fid_reference: str = "auto"        # auto (registry, else train) | registry | train | heldout | custom:NAME | PATH.npz
+    sw_projections: int = 256          # sliced Wasserstein: evenly spaced directions in [0, pi)
 
 
 @dataclass
@@ -262,6 +269,11 @@ def validate(cfg: DictConfig) -> None:
     if cfg.eval.num_samples < 2 or cfg.eval.batch_size < 1:
         raise ConfigError(f"eval.num_samples must be >= 2 and eval.batch_size >= 1 "
                           f"(got {cfg.eval.num_samples}, {cfg.eval.batch_size})")
+    from harness.eval.metrics import MetricError, check_eval_config
+    try:
+        check_eval_config(cfg.eval, cfg.data.name)
+    except MetricError as exc:
+        raise ConfigError(str(exc)) from None
     if cfg.launcher.nproc < 1 or t.batch_size % cfg.launcher.nproc:
         raise ConfigError(f"launcher.nproc={cfg.launcher.nproc} must be >= 1 and divide "
                           f"trainer.batch_size={t.batch_size}")
@@ -271,6 +283,7 @@ def validate(cfg: DictConfig) -> None:
         method_cls, method_cfg = methods.get(cfg.method.name), OmegaConf.to_object(cfg.method)
         method_cls.check_config(method_cfg)
         method_cls.check_model(method_cfg, cfg.model)
+        method_cls.check_data(method_cfg, cfg.data)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if methods.get(cfg.method.name).needs_teacher and not cfg.teacher:

@@ -114,11 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from harness.trainer import check_source_run
-    for key in ("init_from", "teacher"):
+    from harness.trainer import check_source_run, check_teacher_run
+    checks = {"init_from": lambda src: check_source_run(src, cfg.data),
+              "teacher": lambda src: check_teacher_run(src, cfg)}
+    for key, check in checks.items():
         try:
             if cfg[key]:
-                check_source_run(cfg[key], cfg.data)
+                check(cfg[key])
         except ValueError as exc:
             print(f"error: {key}: {exc}", file=sys.stderr)
             return 2

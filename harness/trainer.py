@@ -68,6 +68,16 @@ def check_source_run(run_dir: str, data: DictConfig) -> DictConfig:
     return other
 
 
+def check_teacher_run(run_dir: str, cfg: DictConfig) -> DictConfig:
+    """check_source_run, and the teacher's method must be one the student can read (its `teacher_methods`)."""
+    other = check_source_run(run_dir, cfg.data)
+    allowed = methods.get(cfg.method.name).teacher_methods
+    if allowed and other.method.name not in allowed:
+        raise ValueError(f"{run_dir} is a {other.method.name} run; {cfg.method.name} needs a teacher trained with "
+                         f"method={' or method='.join(allowed)}")
+    return other
+
+
 def load_run_net(run_dir: str, ema_name: str, data: DictConfig) -> tuple[dict[str, torch.Tensor], DictConfig]:
     """EMA weights and model config of another, completed run (init_from / teacher) on the same data."""
     src, other = RunDir(run_dir), check_source_run(run_dir, data)
@@ -123,6 +133,7 @@ class Trainer:
                         self.precision, t.zero_stage)
         self.method = methods.get(cfg.method.name)(method_config(cfg), self.data.shape, self.data.num_classes)
         self.method.attach(net)
+        self.method.attach_data(self.data.x, self.data.y)
         self.teacher = self._load_teacher() if cfg.teacher else None
         self.emas = make_emas(net, t.ema_betas, t.ema_stds)
         self.engine = eng.build_engine(net, t, self.precision, dist.world_size)
@@ -131,6 +142,7 @@ class Trainer:
 
     def _load_teacher(self) -> torch.nn.Module:
         cfg = self.cfg
+        check_teacher_run(cfg.teacher, cfg)
         weights, model_cfg = load_run_net(cfg.teacher, "", cfg.data)
         net = build_net(model_cfg, self.data.shape, self.data.num_classes)
         load_weights(net, weights, cfg.teacher)

@@ -49,6 +49,8 @@ class Method:
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
     # The method needs a frozen teacher run (`teacher=RUN_DIR`).
     needs_teacher: ClassVar[bool] = False
+    # Methods whose finished runs can serve as this method's teacher (empty: any); checked before any work.
+    teacher_methods: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg, data_shape: tuple[int, ...], num_classes: int):
         self.check_config(cfg)
@@ -89,9 +91,17 @@ class Method:
     def check_model(cls, cfg, model) -> None:
         """Raise ValueError (one line) when the network config `model` cannot serve this method config."""
 
+    @classmethod
+    def check_data(cls, cfg, data) -> None:
+        """Raise ValueError (one line) when the data config `data` cannot serve this method config."""
+
     def attach(self, net: nn.Module) -> None:
         """Called once with the network at its starting weights (after init_from, before resume), e.g.
         to copy a target network from it."""
+
+    def attach_data(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
+        """Called once with the whole training set (host tensors, read-only; labels or None), e.g. for a
+        reference bank that targets are computed from. Most methods ignore it."""
 
     def after_step(self, net: nn.Module, step: int, total_steps: int) -> None:
         """Called after optimizer step `step` with the updated network (e.g. to move a target EMA)."""

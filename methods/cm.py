@@ -321,6 +321,7 @@ class CD(DiscreteCM):
 
     Config = CDConfig
     needs_teacher = True
+    teacher_methods = ("edm",)      # the teacher is read as an EDM denoiser
     PRESETS = {
         "cifar10": {},
         "imagenet64": {"num_scales": 40, "target_mu": 0.95, "mid_t": [1.3824]},   # CM code launch.sh

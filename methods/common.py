@@ -76,3 +76,19 @@ def weighting(name: str, t: torch.Tensor, r: torch.Tensor, sigma_data: float,
 def check_choice(what: str, value: str, valid) -> None:
     if value not in valid:
         raise ValueError(f"unknown {what} '{value}'; valid: {', '.join(valid)}")
+
+
+def drop_labels(y: torch.Tensor | None, num_classes: int, p: float,
+                generator: torch.Generator) -> torch.Tensor | None:
+    """Labels as float one-hot rows, each replaced by the all-zero "no class" row with probability p:
+    classifier-free guidance training (Ho & Salimans 2022; sCM App. G.2 teachers use p = 0.1)."""
+    if y is None or p == 0:
+        return y
+    onehot = torch.nn.functional.one_hot(y.long(), num_classes).float()
+    keep = torch.rand(y.shape[0], generator=generator, device=generator.device) >= p
+    return onehot * keep.to(onehot.device, onehot.dtype)[:, None]
+
+
+def check_label_dropout(p: float) -> None:
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"method.label_dropout must lie in [0, 1), got {p}")

@@ -7,7 +7,7 @@ import torch
 
 from methods import register
 from methods.base import Method, StepContext
-from methods.common import check_choice, lognormal_t, per_sample_sq, pseudo_huber
+from methods.common import check_label_dropout, drop_labels, check_choice, lognormal_t, per_sample_sq, pseudo_huber
 from methods.parameterization import EDMParam, _col
 from methods.sampling import heun_sample
 
@@ -26,6 +26,7 @@ class EDMConfig:
     sigma_max: float = 80.0
     rho: float = 7.0
     sample_steps: int = 18      # Heun points for the N-step sampler (35 NFE, EDM's CIFAR-10 setting)
+    label_dropout: float = 0.0  # P(null label) per sample, for classifier-free guidance [sCM App. G.2: 0.1]
 
 
 @register("edm")
@@ -42,6 +43,7 @@ class EDM(Method):
         check_choice("method.loss", cfg.loss, LOSSES)
         if cfg.sample_steps < 1:
             raise ValueError(f"method.sample_steps must be >= 1, got {cfg.sample_steps}")
+        check_label_dropout(cfg.label_dropout)
 
     def __init__(self, cfg: EDMConfig, data_shape, num_classes):
         super().__init__(cfg, data_shape, num_classes)
@@ -50,6 +52,7 @@ class EDM(Method):
     def loss(self, ctx: StepContext, batch):
         x0, y = batch["x"], batch.get("y")
         t = lognormal_t(x0.shape[0], self.cfg.p_mean, self.cfg.p_std, ctx.generator, x0.device)
+        y = drop_labels(y, self.num_classes, self.cfg.label_dropout, ctx.generator)
         x_t = x0 + _col(t, x0) * ctx.randn_like(x0)
         D = self.param.denoise(ctx.net, x_t, t, y)
         if self.cfg.loss == "edm":

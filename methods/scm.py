@@ -45,6 +45,11 @@ class SCMConfig:
 @dataclass
 class SCDConfig(SCMConfig):
     name: str = "scd"
+    # Classifier-free guidance as a student input [sCM App. G.2, ImageNet 512]: per sample s ~ U[1, guidance_max],
+    # the teacher's velocity is v_uncond + s (v_cond - v_uncond) (null label = all-zero row; the teacher needs
+    # method.label_dropout > 0), and the student reads s through model.extra_cond_dim=1. 1: no guidance.
+    guidance_max: float = 1.0
+    guidance_scale: float = 1.0     # s fed to the student when sampling (in [1, guidance_max])
 
 
 class SCM(Method):
@@ -71,10 +76,14 @@ class SCM(Method):
         super().__init__(cfg, data_shape, num_classes)
         self.param = TrigParam(cfg.sigma_data)
 
-    def velocity(self, ctx: StepContext, x0, z, x_t, t, y) -> torch.Tensor:
+    def velocity(self, ctx: StepContext, x0, z, x_t, t, y, extra) -> torch.Tensor:
         """dx_t/dt: the single-sample estimate cos t z - sin t x0 (sCT)."""
         tc = _col(t, x0)
         return torch.cos(tc) * z - torch.sin(tc) * x0
+
+    def student_extra(self, ctx: StepContext | None, batch: int, device) -> torch.Tensor | None:
+        """The student's extra input for a training step (ctx) or for sampling (ctx None); None: no input."""
+        return None
 
     def normalize(self, g: torch.Tensor) -> torch.Tensor:
         c = self.cfg
@@ -94,12 +103,13 @@ class SCM(Method):
         z = ctx.randn_like(x0) * sd
         cos, sin = torch.cos(_col(t, x0)), torch.sin(_col(t, x0))
         x_t = cos * x0 + sin * z
+        extra = self.student_extra(ctx, x0.shape[0], x0.device)
         with torch.no_grad():
-            v = self.velocity(ctx, x0, z, x_t, t, y)
+            v = self.velocity(ctx, x0, z, x_t, t, y, extra)
         r = min(1.0, ctx.step / c.warmup_steps) if c.warmup_steps else 1.0
         rng = ctx.rng_state()
-        with torch.no_grad():
-            f_minus, jvp_out = torch.func.jvp(lambda u, tt: ctx.net_nograd(u, tt, y), (x_t / sd, t),
+        with torch.no_grad():      # the extra input is a constant of the trajectory: no tangent
+            f_minus, jvp_out = torch.func.jvp(lambda u, tt: ctx.net_nograd(u, tt, y, extra), (x_t / sd, t),
                                               (cos * sin * v, sd * torch.cos(t) * torch.sin(t)))
             f_minus, jvp_out = f_minus.float(), jvp_out.float()
             g_raw = -cos ** 2 * (sd * f_minus - v) - r * (cos * sin * x_t + jvp_out)
@@ -107,10 +117,10 @@ class SCM(Method):
         if c.shared_dropout_mask:
             ctx.set_rng_state(rng)
         if c.adaptive_weight:
-            F, logvar = ctx.net(x_t / sd, t, y, return_logvar=True)
+            F, logvar = ctx.net(x_t / sd, t, y, extra, return_logvar=True)
             w = -logvar.float().reshape(-1)
         else:
-            F, w = ctx.net(x_t / sd, t, y), torch.zeros_like(t)
+            F, w = ctx.net(x_t / sd, t, y, extra), torch.zeros_like(t)
         per = per_sample_sq(F.float() - f_minus - g) / g[0].numel()
         loss = (torch.exp(w) * per - w).mean()
         return {"loss": loss, f"{self.name}/r": r, f"{self.name}/g_raw_norm": per_sample_sq(g_raw).sqrt().mean(),
@@ -129,12 +139,13 @@ class SCM(Method):
             t_max = math.atan(c.sigma_max / sd)
             times = [t_max * (1 - i / steps) for i in range(steps)]
         batch = noise.shape[0]
+        extra = self.student_extra(None, batch, noise.device)
         x = self.param.denoise(net, noise.float() * sd, torch.full((batch,), times[0], device=noise.device),
-                               class_labels)
+                               class_labels, extra=extra)
         for s in times[1:]:
             z = torch.randn(noise.shape, generator=generator, device=noise.device, dtype=torch.float32) * sd
             x = math.cos(s) * x + math.sin(s) * z
-            x = self.param.denoise(net, x, torch.full((batch,), s, device=noise.device), class_labels)
+            x = self.param.denoise(net, x, torch.full((batch,), s, device=noise.device), class_labels, extra=extra)
         return x
 
 
@@ -151,8 +162,45 @@ class SCD(SCM):
 
     Config = SCDConfig
     needs_teacher = True
+    teacher_methods = ("trigflow",)     # its output is read as a TrigFlow velocity
 
-    def velocity(self, ctx, x0, z, x_t, t, y):
+    @classmethod
+    def check_config(cls, cfg: SCDConfig) -> None:
+        super().check_config(cfg)
+        if not 1.0 <= cfg.guidance_scale <= max(cfg.guidance_max, 1.0):
+            raise ValueError(f"scd needs 1 <= method.guidance_scale <= max(method.guidance_max, 1) "
+                             f"(got {cfg.guidance_scale}, {cfg.guidance_max})")
+
+    @classmethod
+    def check_model(cls, cfg: SCDConfig, model) -> None:
+        super().check_model(cfg, model)
+        if cfg.guidance_max > 1 and model.get("extra_cond_dim") != 1:
+            raise ValueError(f"method.guidance_max={cfg.guidance_max} feeds the guidance scale to the student: "
+                             f"set model.extra_cond_dim=1 (got {model.get('extra_cond_dim')})")
+
+    @classmethod
+    def check_data(cls, cfg: SCDConfig, data) -> None:
+        if cfg.guidance_max > 1 and not data.get("class_conditional"):
+            raise ValueError("method.guidance_max > 1 (classifier-free guidance) needs class-conditional data: "
+                             "set data.class_conditional=true")
+
+    @property
+    def guided(self) -> bool:
+        return self.cfg.guidance_max > 1
+
+    def student_extra(self, ctx, batch, device):
+        if not self.guided:
+            return None
+        if ctx is None:
+            return torch.full((batch, 1), self.cfg.guidance_scale, device=device)
+        return 1.0 + (self.cfg.guidance_max - 1.0) * ctx.rand(batch, 1).to(device)     # s ~ U[1, s_max]
+
+    def velocity(self, ctx, x0, z, x_t, t, y, extra):
         if ctx.teacher is None:
             raise ValueError("scd needs a teacher: set teacher=RUN_DIR (a finished trigflow run on this data)")
-        return self.param.velocity(ctx.teacher, x_t, t, y)
+        v_cond = self.param.velocity(ctx.teacher, x_t, t, y)
+        if extra is None:
+            return v_cond
+        null = torch.zeros(y.shape[0], self.num_classes, device=x_t.device)       # the "no class" label
+        v_uncond = self.param.velocity(ctx.teacher, x_t, t, null)
+        return v_uncond + _col(extra.reshape(-1), x_t) * (v_cond - v_uncond)     # CFG at scale s [spec 3]

@@ -16,7 +16,7 @@ from torch import nn
 
 from methods import register
 from methods.base import Method, StepContext
-from methods.common import per_sample_sq
+from methods.common import check_label_dropout, drop_labels, per_sample_sq
 from methods.parameterization import _col
 from methods.sampling import heun_sample
 
@@ -73,6 +73,7 @@ class TrigFlowConfig:
     sigma_max: float = 80.0
     rho: float = 7.0
     sample_steps: int = 18      # Heun points (35 NFE, CIFAR-10) [sCM App. G.1]
+    label_dropout: float = 0.0  # P(null label) per sample, for classifier-free guidance [sCM App. G.2: 0.1]
 
 
 @register("trigflow")
@@ -95,6 +96,7 @@ class TrigFlow(Method):
         if cfg.sample_steps < 1 or cfg.p_std <= 0 or cfg.sigma_data <= 0:
             raise ValueError(f"trigflow needs method.sample_steps >= 1, method.p_std > 0, method.sigma_data > 0 "
                              f"(got {cfg.sample_steps}, {cfg.p_std}, {cfg.sigma_data})")
+        check_label_dropout(cfg.label_dropout)
 
     def __init__(self, cfg: TrigFlowConfig, data_shape, num_classes):
         super().__init__(cfg, data_shape, num_classes)
@@ -104,6 +106,7 @@ class TrigFlow(Method):
         c = self.cfg
         x0, y = batch["x"], batch.get("y")
         t = proposal_t(x0.shape[0], c.p_mean, c.p_std, c.sigma_data, ctx.generator, x0.device)
+        y = drop_labels(y, self.num_classes, self.cfg.label_dropout, ctx.generator)
         z = ctx.randn_like(x0) * c.sigma_data
         tc = _col(t, x0)
         x_t = torch.cos(tc) * x0 + torch.sin(tc) * z

@@ -20,6 +20,7 @@ from harness.nets.layers import (
     NetBase,
     NetConfig,
     PositionalEmbedding,
+    pixel_norm,
     resample,
     resample_kernel,
 )
@@ -39,6 +40,9 @@ class DDPMppConfig(NetConfig):
     resample_filter: list[int] = field(default_factory=lambda: [1, 1])  # FIR taps (DDPM++: [1, 1])
     embedding_type: str = "positional"  # "positional" (DDPM++) or "fourier" (NCSN++)
     fourier_scale: float = 16.0  # bandwidth of the "fourier" embedding (NCSN++: 16)
+    # Adaptive double normalization [sCM §4.1]: GroupNorm(x) * pnorm(s(emb)) + pnorm(b(emb)) in place of
+    # DDPM++'s additive embedding GroupNorm(x + b(emb)); no "+1" on the scale.
+    double_norm: bool = False
 
 
 class Conv2d(nn.Module):
@@ -92,7 +96,8 @@ class UNetBlock(nn.Module):
         self.skip_scale = math.sqrt(0.5)  # DDPM++ skip scale 1/sqrt(2)
         self.norm0 = GroupNorm(cin)
         self.conv0 = Conv2d(cin, cout, 3, up=up, down=down, resample_filter=cfg.resample_filter)
-        self.affine = Linear(emb_channels, cout)
+        self.double_norm = cfg.double_norm
+        self.affine = Linear(emb_channels, cout * (2 if cfg.double_norm else 1))
         self.norm1 = GroupNorm(cout)
         active = cfg.dropout_res == 0 or resolution <= cfg.dropout_res
         self.dropout = Dropout(cfg.dropout if active else 0.0)
@@ -109,7 +114,11 @@ class UNetBlock(nn.Module):
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         orig = x
         x = self.conv0(F.silu(self.norm0(x)))
-        x = F.silu(self.norm1(x + self.affine(emb)[:, :, None, None].to(x.dtype)))
+        if self.double_norm:
+            scale, shift = (pixel_norm(v)[:, :, None, None].to(x.dtype) for v in self.affine(emb).chunk(2, dim=1))
+            x = F.silu(self.norm1(x) * scale + shift)
+        else:
+            x = F.silu(self.norm1(x + self.affine(emb)[:, :, None, None].to(x.dtype)))
         x = self.conv1(self.dropout(x))
         x = (x + (self.skip(orig) if self.skip is not None else orig)) * self.skip_scale
         if self.use_attention:

@@ -52,6 +52,12 @@ def normalize(x: Tensor, dim: int | list[int] | None = None, eps: float = 1e-4) 
     return x / norm.to(x.dtype)
 
 
+def pixel_norm(v: Tensor, eps: float = 1e-8) -> Tensor:
+    """v / sqrt(mean over channels (dim 1) of v^2 + eps), in float32 (PGGAN pixel norm; eps as PGGAN)."""
+    v = v.float()
+    return v * torch.rsqrt(v.square().mean(dim=1, keepdim=True) + eps)
+
+
 def mp_silu(x: Tensor) -> Tensor:
     # 0.596 = E[silu(z)^2]^(1/2) for z ~ N(0, 1) (EDM2 config G, MP-SiLU).
     return F.silu(x) / 0.596

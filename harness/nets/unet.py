@@ -18,6 +18,7 @@ from harness.nets.layers import (
     NetBase,
     NetConfig,
     PositionalEmbedding,
+    pixel_norm,
     mp_cat,
     mp_silu,
     mp_sum,
@@ -45,6 +46,9 @@ class UNetConfig(NetConfig):
     clip_act: float = 256.0  # clamp block outputs to +-clip_act (EDM2); 0 disables
     dropout_res: int = 0  # dropout only in blocks at resolution <= this (ECT ImageNet: 16); 0: all
     noise_embedding: str = "fourier"  # "fourier" (EDM2) or "positional" (sCM Sec. 4.1)
+    # Adaptive double normalization [sCM §4.1]: y = pixel_norm(y) * pnorm(s(emb)) + pnorm(b(emb)) in place of
+    # EDM2's y * (1 + gain s(emb)); EDM2 has no GroupNorm, so norm() is its channel pixel norm; no "+1".
+    double_norm: bool = False
     resample_filter: list[int] = field(default_factory=lambda: [1, 1])  # FIR taps of down/up-sampling
 
 
@@ -84,9 +88,11 @@ class Block(nn.Module):
                     f"channels_per_head ({cfg.channels_per_head})"
                 )
             self.num_heads = out_channels // cfg.channels_per_head
-        self.emb_gain = nn.Parameter(torch.zeros(1))  # shape [1], not []: DeepSpeed views params as bytes
+        self.double_norm = cfg.double_norm
+        if not cfg.double_norm:
+            self.emb_gain = nn.Parameter(torch.zeros(1))  # shape [1], not []: DeepSpeed views params as bytes
         self.conv_res0 = MPConv(out_channels if flavor == "enc" else in_channels, out_channels, (3, 3))
-        self.emb_linear = MPConv(emb_channels, out_channels)
+        self.emb_linear = MPConv(emb_channels, out_channels * (2 if cfg.double_norm else 1))
         self.conv_res1 = MPConv(out_channels, out_channels, (3, 3))
         self.conv_skip = MPConv(in_channels, out_channels, (1, 1)) if in_channels != out_channels else None
         active = cfg.dropout_res == 0 or resolution <= cfg.dropout_res
@@ -105,8 +111,12 @@ class Block(nn.Module):
                 x = self.conv_skip(x)
             x = normalize(x, dim=1)  # pixel norm on the encoder's main path (EDM2 config F)
         y = self.conv_res0(mp_silu(x))
-        scale = self.emb_linear(emb, gain=self.emb_gain) + 1  # scale-only modulation (EDM2 config G)
-        y = mp_silu(y * scale[:, :, None, None].to(y.dtype))
+        if self.double_norm:
+            scale, shift = (pixel_norm(v)[:, :, None, None].to(y.dtype) for v in self.emb_linear(emb).chunk(2, dim=1))
+            y = mp_silu(normalize(y, dim=1) * scale + shift)
+        else:
+            scale = self.emb_linear(emb, gain=self.emb_gain) + 1  # scale-only modulation (EDM2 config G)
+            y = mp_silu(y * scale[:, :, None, None].to(y.dtype))
         y = self.conv_res1(self.dropout(y))
         if self.flavor == "dec" and self.conv_skip is not None:
             x = self.conv_skip(x)
