@@ -86,22 +86,26 @@ class ECT(Method):
         r = self.r_of_t(t, stage)
         eps = ctx.randn_like(x0)
         x_t = x0 + _col(t, x0) * eps
-        x_r = x0 + _col(r, x0) * eps                                  # shared noise [ECT eq. 12]
+        x_r, target, extra = self.target_inputs(x0, y, eps, x_t, t, r)
 
         rng = ctx.rng_state()
         pred = self.param.denoise(ctx.net, x_t, t, y)
-        target = x0                                                   # r = 0: the boundary f(x0, 0) = x0
         mask = r > 0
         if mask.any():
             if c.shared_dropout_mask:
                 ctx.set_rng_state(rng)
             with torch.no_grad():
                 f_r = self.param.denoise(ctx.net_nograd, x_r, torch.where(mask, r, torch.ones_like(r)), y)
-            target = torch.where(_col(mask, x0), torch.nan_to_num(f_r), x0)
+            target = torch.where(_col(mask, x0), torch.nan_to_num(f_r), target)
         per = adaptive_distance(pred - target, c.huber_c, c.adaptive_p)
         loss = (weighting(c.weighting, t, r, c.sigma_data, c.delta) * per).mean()
-        return {"loss": loss, "ect/stage": float(stage), "ect/r_over_t": (r / t).mean(),
-                "ect/frac_r0": (~mask).float().mean()}
+        return {"loss": loss, f"{self.name}/stage": float(stage), f"{self.name}/r_over_t": (r / t).mean(),
+                f"{self.name}/frac_r0": (~mask).float().mean(), **extra}
+
+    def target_inputs(self, x0, y, eps, x_t, t, r) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """x_r, the r = 0 target and extra scalars to log: shared noise x_r = x0 + r eps [ECT eq. 12], and
+        the boundary f(x0, 0) = x0 [ECT eq. 14]. SCT replaces both by its variance-reduced estimate."""
+        return x0 + _col(r, x0) * eps, x0, {}
 
     def default_steps(self) -> int:
         return len(self.cfg.mid_t) + 1
