@@ -1,0 +1,88 @@
+"""What one SLURM array task runs: a few runs of a sweep, one after another, as a submitit Checkpointable.
+
+On a timeout or a preemption SLURM signals the job (SIGUSR2, `signal_delay_s` before the limit);
+submitit calls `checkpoint()`, which hands back the same task, and requeues the job. The requeued
+task calls every run again: completed runs return their result at once, an interrupted one resumes
+from the newest checkpoint in its run directory (work since that checkpoint is redone).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+from pathlib import Path
+
+import submitit
+
+from launchers.base import RunSpec, execute
+
+
+class RunsFailed(RuntimeError):
+    """Raised at the end of a task in which a run did not complete, so that SLURM marks the task FAILED
+    (and `afterok` dependents of its stage never start)."""
+
+
+def _is_end(status: str) -> bool:
+    return status == "completed" or status.startswith("failed")
+
+
+def _record_failure(spec: RunSpec, status: str, trace: str) -> None:
+    """A run that raised before writing its own result (a config that does not compose, a run dir
+    holding another config) gets a result.json saying so, unless the directory already has an end state."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    from harness.rundir import RunDir
+    run_dir = RunDir(spec.run_dir)
+    previous = run_dir.read_json("result.json") or {}
+    if _is_end(str(previous.get("status", ""))):
+        return
+    Path(spec.run_dir).mkdir(parents=True, exist_ok=True)
+    run_dir.write_json("result.json", {"status": status, "run_dir": spec.run_dir, "traceback": trace})
+
+
+def run_one(spec: RunSpec) -> str:
+    """Train (or resume, or return) one run; its end status. Only a signal's SystemExit escapes."""
+    from harness.rundir import first_line
+    try:
+        return str(execute(spec).get("status", "failed: the run returned no status"))
+    except Exception as exc:   # noqa: BLE001 (one run's error must not stop the task's other runs)
+        status = f"failed: {type(exc).__name__}: {first_line(exc)}"
+        _record_failure(spec, status, traceback.format_exc())
+        return status
+
+
+def _set_threads() -> None:
+    """Torch threads = the CPUs SLURM gave each task (task/none binds nothing, so torch would take all)."""
+    import torch
+    threads = int(os.environ.get("SLURM_CPUS_PER_TASK", "1"))
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    torch.set_num_threads(threads)       # a run with trainer.threads > 0 sets its own
+
+
+class RunTask(submitit.helpers.Checkpointable):
+    """The runs of one array task; `world_size` ranks each (nodes x tasks per node)."""
+
+    def __init__(self, runs: tuple[RunSpec, ...], world_size: int = 1):
+        self.runs = tuple(runs)
+        self.world_size = world_size
+
+    def __call__(self) -> dict[str, str]:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        if self.world_size > 1:
+            # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT for harness.engine.setup_distributed; devices
+            # stay visible so each rank takes cuda:LOCAL_RANK
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
+                                                                   overwrite=True)
+        _set_threads()
+        statuses = {spec.run_id: run_one(spec) for spec in self.runs}
+        failed = {k: v for k, v in statuses.items() if v != "completed"}
+        if failed:
+            raise RunsFailed(f"{len(failed)} of {len(statuses)} run(s) did not complete: "
+                             + "; ".join(f"{k}: {v}" for k, v in failed.items()))
+        return statuses
+
+    def checkpoint(self) -> submitit.helpers.DelayedSubmission:
+        """Requeue the same runs: each resumes from its run directory's newest checkpoint."""
+        logging.getLogger(__name__).info("requeueing %d run(s); each resumes from its last checkpoint",
+                                         len(self.runs))
+        return submitit.helpers.DelayedSubmission(RunTask(self.runs, self.world_size))
