@@ -38,7 +38,7 @@ class ReferenceError(ValueError):
 class Table:
     """One checked reference table; `doc` is the YAML mapping as loaded."""
 
-    name: str  # file stem, e.g. ect_table1_cifar10
+    name: str  # file stem, e.g. ect_table1_cifar10 (the file name while checking)
     doc: dict
 
     def __getitem__(self, key: str):
@@ -146,7 +146,8 @@ def load_table(path: Path) -> Table:
         doc = yaml.safe_load(Path(path).read_text())
     except yaml.YAMLError as exc:
         raise ReferenceError(f"{Path(path).name}: (yaml): {str(exc).splitlines()[0]}") from None
-    return check_table(Path(path).name, doc)
+    table = check_table(Path(path).name, doc)
+    return Table(Path(path).stem, table.doc)
 
 
 def load_tables(paper: str = "all", root: Path | str = REFERENCE_DIR) -> list[Table]:

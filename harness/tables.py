@@ -65,8 +65,8 @@ def _best(sub, method: str, where: dict | None, nfe: int) -> str:
 
 def measure(table: Table, df) -> Measured:
     """The added columns for `table` from the collector's DataFrame (none when no run matches)."""
-    if df is None or not table["dataset"] or not len(df):
-        return Measured()
+    if df is None or not table["dataset"] or not len(df) or not any("method" in r for r in table["rows"]):
+        return Measured()  # ablation tables name no harness method: nothing to put beside them
     sub = _subset(df, table["dataset"], table)
     columns = table["columns"]
     nfe_col = next((j for j, c in enumerate(columns) if c.get("role") == "nfe"), None)
