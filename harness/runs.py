@@ -1,0 +1,234 @@
+"""Reading run directories (harness.rundir's layout) into one long pandas DataFrame.
+
+A run directory is any directory holding one of RUN_MARKERS; the search does not descend into one.
+Every run that is unfinished, failed or unreadable is reported as a problem, never dropped silently,
+and no file content can make the reader raise.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+RUN_MARKERS = ("config.yaml", "result.json", "evaluate.json", "derived.json", "metrics.jsonl")
+
+# Columns first in this order; then any other score-record fields (sorted), then cfg.* (sorted).
+BASE_COLUMNS = ["run_dir", "run", "status", "method", "model", "data", "num_params", "nimg", "flops",
+                "train_sec", "train_steps", "precision", "world_size", "source", "ema", "steps", "nfe",
+                "metric", "value", "floor", "step", "num_samples", "seed", "reference", "sample_sec"]
+_RUN_LEVEL = set(BASE_COLUMNS[:13]) | {"source"}
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)   # libyaml: ~5x faster on 10k configs
+
+
+def find_run_dirs(root: Path, skip: tuple[Path, ...] = ()) -> list[Path]:
+    """Directories under root (root included) that hold a run marker, sorted by path."""
+    skip_set = {os.path.abspath(p) for p in skip}
+    found, stack = [], [os.fspath(root)]
+    while stack:
+        path = stack.pop()
+        try:
+            with os.scandir(path) as it:
+                entries = list(it)
+        except OSError:
+            continue
+        if any(e.name in RUN_MARKERS for e in entries):
+            found.append(Path(path))
+            continue
+        for e in entries:
+            if e.is_dir(follow_symlinks=False) and not e.name.startswith(".") \
+                    and os.path.abspath(e.path) not in skip_set:
+                stack.append(e.path)
+    return sorted(found, key=lambda p: p.as_posix())
+
+
+def flatten(tree: Any, prefix: str = "cfg.") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'cfg.a.b': 1}; lists become their JSON text, so every cell is a scalar."""
+    out: dict[str, Any] = {}
+    stack = [(prefix, tree)]
+    while stack:
+        pre, node = stack.pop()
+        for key, value in node.items():
+            name = f"{pre}{key}"
+            if isinstance(value, dict) and value:
+                stack.append((name + ".", value))
+            elif isinstance(value, (list, dict)):
+                out[name] = json.dumps(value, sort_keys=True)
+            else:
+                out[name] = value
+    return out
+
+
+def _first_line(text: Any, limit: int = 200) -> str:
+    line = (str(text).strip().splitlines() or [""])[0]
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        return None
+
+
+def _read_mapping(path: Path, kind: str) -> tuple[dict | None, str | None]:
+    """(mapping, None), (None, None) when the file is absent, or (None, problem)."""
+    try:
+        text = _read_text(path)
+        if text is None:
+            return None, None
+        data = yaml.load(text, Loader=_SAFE_LOADER) if kind == "yaml" else json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
+        what = "truncated or corrupt" if kind == "json" else "corrupt"
+        return None, f"{path.name} unreadable ({what}): {type(exc).__name__}: {_first_line(exc)}"
+    if not isinstance(data, dict):
+        return None, f"{path.name} is not a mapping (got {type(data).__name__})"
+    return data, None
+
+
+def _last_logged_step(path: Path) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 4096))
+            lines = fh.read().decode("utf-8", "replace").splitlines()
+        for line in reversed(lines):
+            try:
+                return f", last logged step {int(json.loads(line)['step'])}"
+            except (ValueError, KeyError, TypeError):
+                continue
+    except OSError:
+        pass
+    return ", nothing logged yet"
+
+
+def _status_problem(path: Path, status: Any, cfg: dict) -> str | None:
+    if status == "completed":
+        return None
+    if status == "running":
+        total = (cfg.get("trainer") or {}).get("steps") if isinstance(cfg.get("trainer"), dict) else None
+        of = f" of {total}" if total is not None else ""
+        return f"unfinished: status running{_last_logged_step(path / 'metrics.jsonl')}{of}"
+    if isinstance(status, str) and status.startswith("failed"):
+        return _first_line(status)
+    return f"unknown status {_first_line(repr(status), 80)} in result.json"
+
+
+def _number(value: Any) -> float | None:
+    """A JSON number, or one of rundir._clean's non-finite strings; None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str) and value.strip().lower() in ("nan", "inf", "-inf", "infinity", "-infinity"):
+        return float(value)
+    return None
+
+
+def _score_rows(records: Any, source: str, problems: list[str]) -> dict[tuple, dict]:
+    """Valid score records keyed by (ema, steps, metric); bad ones become problems."""
+    out: dict[tuple, dict] = {}
+    if not isinstance(records, list):
+        problems.append(f"{source}: 'scores' is not a list")
+        return out
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict) or "metric" not in rec or "value" not in rec:
+            problems.append(f"{source}: score {i} is not a record with metric and value; skipped")
+            continue
+        value = _number(rec["value"])
+        if value is None:
+            problems.append(f"{source}: score {i} value {_first_line(repr(rec['value']), 40)} "
+                            f"is not a number; skipped")
+            continue
+        if not math.isfinite(value):
+            problems.append(f"{source}: score {i} ({rec.get('metric')}, {rec.get('steps')} steps) is {value}")
+        row = {("score." + k if k in _RUN_LEVEL else k):
+               (json.dumps(v, sort_keys=True) if isinstance(v, (list, dict)) else v) for k, v in rec.items()}
+        row["value"], row["source"] = value, source
+        out[(str(rec.get("ema")), str(rec.get("steps")), str(rec.get("metric")))] = row
+    return out
+
+
+def read_run(path: Path, run: str) -> tuple[list[dict], list[str]]:
+    """Rows (one per score record) of one run directory, and its problems."""
+    problems: list[str] = []
+    cfg, bad_cfg = _read_mapping(path / "config.yaml", "yaml")
+    result, bad_result = _read_mapping(path / "result.json", "json")
+    for problem in (bad_cfg, bad_result):
+        if problem:
+            problems.append(problem)
+    if cfg is None and bad_cfg is None:
+        problems.append("no config.yaml" + ("" if result is not None or bad_result else " and no result.json"))
+    if result is None and bad_result is None and cfg is not None:
+        problems.append("unfinished: config.yaml only, no result.json")
+    if cfg is None or result is None:
+        return [], problems
+    status_problem = _status_problem(path, result.get("status"), cfg)
+    if status_problem:
+        return [], [status_problem]
+    derived, bad = _read_mapping(path / "derived.json", "json")
+    if bad:
+        problems.append(bad)
+    derived = derived or {}
+    scores = _score_rows(result.get("scores", []), "result.json", problems)
+    evaluated, bad = _read_mapping(path / "evaluate.json", "json")
+    if bad:
+        problems.append(bad)
+    elif evaluated is not None:
+        scores.update(_score_rows(evaluated.get("scores", []), "evaluate.json", problems))   # evaluate wins
+    if not scores:
+        problems.append("completed but no score records")
+    base = {"run_dir": str(path), "run": run, "status": "completed",
+            "method": _get(cfg, "method", "name"), "model": _get(cfg, "model", "name"),
+            "data": _get(cfg, "data", "name"),
+            "num_params": _num(result.get("num_params", derived.get("num_params"))),
+            "nimg": _num(result.get("nimg")), "flops": _num(result.get("flops_train")),
+            "train_sec": _num(result.get("train_sec")), "train_steps": _num(result.get("steps")),
+            "precision": derived.get("precision"), "world_size": _num(derived.get("world_size")),
+            **flatten(cfg)}
+    return [{**base, **scores[k]} for k in sorted(scores)], problems
+
+
+def _get(cfg: dict, group: str, key: str) -> Any:
+    node = cfg.get(group)
+    return node.get(key) if isinstance(node, dict) else None
+
+
+def _num(value: Any) -> float:
+    number = _number(value)
+    return math.nan if number is None else number
+
+
+def load_runs(root: str | Path, skip: tuple[Path, ...] = ()) -> tuple[pd.DataFrame, list[dict]]:
+    """Every run directory under root -> (long DataFrame, one row per score record of every completed
+    run; problems: [{"run_dir", "problem"}] for unfinished, failed or corrupt runs)."""
+    root = Path(root)
+    rows: list[dict] = []
+    problems: list[dict] = []
+    for path in find_run_dirs(root, skip):
+        run = path.relative_to(root).as_posix()
+        try:
+            run_rows, run_problems = read_run(path, run)
+        except Exception as exc:   # the reader must survive anything a file can hold
+            run_rows, run_problems = [], [f"unreadable run: {type(exc).__name__}: {_first_line(exc)}"]
+        rows.extend(run_rows)
+        problems.extend({"run_dir": str(path), "run": run, "problem": p} for p in run_problems)
+    return _frame(rows), problems
+
+
+def _frame(rows: list[dict]) -> pd.DataFrame:
+    keys: set[str] = set()
+    for row in rows:
+        keys.update(row)
+    extra = sorted(k for k in keys if k not in BASE_COLUMNS and not k.startswith("cfg."))
+    cfg_cols = sorted(k for k in keys if k.startswith("cfg."))
+    df = pd.DataFrame.from_records(rows, columns=BASE_COLUMNS + extra + cfg_cols)
+    for col in ("num_params", "nimg", "flops", "train_sec", "train_steps", "world_size", "value", "floor",
+                "steps", "nfe", "step", "num_samples", "sample_sec"):
+        df[col] = pd.to_numeric(df[col], errors="coerce")
+    return df
