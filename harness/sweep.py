@@ -1,148 +1,199 @@
-"""`python -m harness.sweep SPEC.yaml [key=value ...] [--dry-run]`
+"""`python -m harness.sweep SPEC.yaml [key=value ...] [--dry-run | --status] [--retry-failed]`
 
-A sweep spec (YAML) names overrides for every run (`base`), a grid over config keys (`grid`: every
-combination is one grid point), and stages run in order at each grid point; a stage with `init_from:
-<stage>` starts from that stage's run at the same grid point (a diffusion teacher before ECT):
-
-    name: scaling
-    base: [data=digits]
-    grid: {model: [unet-xs, unet-s]}
-    stages:
-      - {name: teacher, overrides: [method=edm, trainer.steps=3000]}
-      - {name: ect, init_from: teacher, overrides: [method=ect, trainer.steps=1000]}
-
-Runs go to `<out>/<name>/<stage>-<grid values>/` (stable names: re-running the same command skips
-completed runs and resumes interrupted ones). This driver runs locally, one run at a time; the
-sweep issue extends it (launchers, budgets, collection).
+Expands a sweep spec (format: harness/sweepspec.py) into runs with stable ids, writes the sweep manifest
+(`<out>/<name>/sweep.json`), dispatches the runs through the spec's launcher (local | slurm | auto),
+shows their status live, waits, and collects the results (harness.collect: fits, tables, plots).
+Re-running the same command after any interruption skips completed runs and resumes interrupted ones
+from their last checkpoint; failed runs stay failed unless `--retry-failed` is given.
+Command-line `key=value`s: `launcher=NAME`, `launcher.local.workers=N`, `launcher.slurm.OPTION=V`,
+`out=DIR`, `name=NAME` and `grid.KEY=[...]` edit the spec; every other one is added to every run.
 """
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
+import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+from harness.config import ConfigError
+from harness.rundir import atomic_write_text, first_line
+from harness.sweep_status import StatusBoard, progress_line, read_result, run_state, table
+from harness.sweepspec import PlannedRun, Sweep, _fmt, expand, load_spec
 
-from harness.config import ConfigError, compose
-
-
-@dataclass(frozen=True)
-class PlannedRun:
-    stage: str
-    point: dict
-    overrides: tuple[str, ...]
-    run_dir: str
+MANIFEST = "sweep.json"
 
 
-def _point_name(point: dict) -> str:
-    return "-".join(f"{v}" for v in point.values()) or "base"
+def _is_failed(status: str) -> bool:
+    return status.startswith("failed")
 
 
-def load_spec(path: str) -> dict:
-    try:
-        spec = yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read sweep spec {path}: {exc.strerror}") from None
-    if not isinstance(spec, dict):
-        raise ConfigError(f"sweep spec {path} is not a mapping")
-    unknown = set(spec) - {"name", "base", "grid", "stages", "out"}
-    if unknown:
-        raise ConfigError(f"unknown sweep spec keys {sorted(unknown)}; valid: name, base, grid, stages, out")
-    if not spec.get("stages"):
-        raise ConfigError(f"sweep spec {path} has no stages")
-    for key, values in (spec.get("grid") or {}).items():
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"grid key '{key}' needs a non-empty list of values")
-    return spec
+def initial_status(runs: list[PlannedRun], retry_failed: bool) -> tuple[dict[str, str], list[PlannedRun]]:
+    """Each run's status before dispatch and the runs to dispatch: completed ones are skipped, failed ones
+    kept failed (unless retried), and runs whose source run stays failed are failed without running."""
+    status, todo = {}, []
+    for r in runs:                           # runs come in dependency order
+        state = run_state(r.run_dir)
+        bad = [d for d in r.depends_on if _is_failed(status.get(d, ""))]
+        if state == "completed":
+            status[r.run_id] = state
+        elif _is_failed(state) and not retry_failed:
+            status[r.run_id] = state
+        elif bad:
+            status[r.run_id] = f"failed: dependency {bad[0]} failed ({status[bad[0]]})"
+        else:
+            status[r.run_id] = "queued"
+            todo.append(r)
+    return status, todo
 
 
-def plan(spec: dict, extra: list[str]) -> list[PlannedRun]:
-    """Expand grid x stages into runs, in an order where every init_from stage runs first."""
-    grid = spec.get("grid") or {}
-    keys = list(grid)
-    names = [s["name"] for s in spec["stages"]]
-    out_root = Path(spec.get("out", "results/sweeps")) / spec.get("name", "sweep")
-    runs = []
-    for values in itertools.product(*(grid[k] for k in keys)):
-        point = dict(zip(keys, values))
-        dirs: dict[str, str] = {}
-        for stage in spec["stages"]:
-            src = stage.get("init_from")
-            if src and src not in dirs:
-                raise ConfigError(f"stage '{stage['name']}' starts from '{src}', which is not an earlier "
-                                  f"stage; stages: {', '.join(names)}")
-            run_dir = str(out_root / f"{stage['name']}-{_point_name(point)}")
-            overrides = [*spec.get("base", []), *(f"{k}={v}" for k, v in point.items()),
-                         *stage.get("overrides", []), *extra, f"run_dir={run_dir}"]
-            if src:
-                overrides.append(f"init_from={dirs[src]}")
-            dirs[stage["name"]] = run_dir
-            runs.append(PlannedRun(stage["name"], point, tuple(overrides), run_dir))
-    return runs
+def write_manifest(sweep: Sweep, runs: list[PlannedRun], status: dict[str, str], launcher: str,
+                   spec_path: str, extra: list[str]) -> Path:
+    sweep.out_dir.mkdir(parents=True, exist_ok=True)
+    data = {
+        "name": sweep.name, "description": sweep.description, "spec_path": spec_path, "launcher": launcher,
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_overrides": extra, "spec": sweep.spec,
+        "stages": [{"name": s.name, "after": list(s.after), "sources": s.sources, "grid": s.grid}
+                   for s in sweep.stages],
+        "runs": [{"run_id": r.run_id, "stage": r.stage, "point": r.point, "run_dir": r.run_dir,
+                  "depends_on": list(r.depends_on), "method": r.method, "model": r.model, "steps": r.steps,
+                  "batch_size": r.batch_size, "nimg": r.nimg, "num_params": r.num_params,
+                  "flops_est": r.flops_est, "overrides": list(r.overrides), "status": status.get(r.run_id)}
+                 for r in runs],
+    }
+    path = sweep.out_dir / MANIFEST
+    atomic_write_text(path, json.dumps(data, indent=1, default=str) + "\n")
+    return path
 
 
-def _status(run: PlannedRun) -> str:
-    try:
-        return json.loads((Path(run.run_dir) / "result.json").read_text()).get("status", "unknown")
-    except (OSError, json.JSONDecodeError):
-        return "queued"
+def print_plan(sweep: Sweep, runs: list[PlannedRun], launcher: str) -> None:
+    rows = [("run", "stage", "method", "model", "params", "steps", "kimg", "est. GFLOP", "state", "grid point")]
+    for r in runs:
+        point = " ".join(f"{k}={_fmt(v)}" for k, v in r.point.items())
+        rows.append((r.run_id, r.stage, r.method, r.model, f"{r.num_params / 1e6:.2f}M", str(r.steps),
+                     f"{r.nimg / 1000:g}", f"{r.flops_est / 1e9:.4g}", run_state(r.run_dir), point))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    print(f"\nsweep {sweep.name}: {len(runs)} runs in {len(sweep.stages)} stages "
+          f"({', '.join(f'{s.name} {sum(r.stage == s.name for r in runs)}' for s in sweep.stages)}); "
+          f"launcher {launcher}; out {sweep.out_dir}")
+    print(f"estimated compute: {sum(r.nimg for r in runs) / 1e6:.4g} M training images, "
+          f"{sum(r.flops_est for r in runs) / 1e12:.4g} TFLOP (3 x counted network forward FLOPs per image; "
+          f"methods' extra target/JVP/teacher passes not included)")
 
 
-def _summary(runs: list[PlannedRun]) -> str:
-    lines = ["| stage | grid point | status | EMA | 1-step | 2-step | train s |", "|---|---|---|---|---|---|---|"]
-    for run in runs:
-        res = {}
-        try:
-            res = json.loads((Path(run.run_dir) / "result.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            pass
+def write_summary(sweep: Sweep, runs: list[PlannedRun], status: dict[str, str], wall_sec: float) -> Path:
+    lines = ["| stage | run | status | EMA | 1-step | 2-step | train s |", "|---|---|---|---|---|---|---|"]
+    for r in runs:
+        res = read_result(r.run_dir)
         by_ema: dict[str, dict[int, float]] = {}
         for s in res.get("scores", []):
             by_ema.setdefault(s["ema"], {})[s["steps"]] = s["value"]
         for ema, vals in (by_ema or {"-": {}}).items():
             cells = [f"{vals[k]:.3f}" if k in vals else "-" for k in (1, 2)]
-            lines.append(f"| {run.stage} | {_point_name(run.point)} | {res.get('status', 'queued')} | {ema} | "
+            lines.append(f"| {r.stage} | {Path(r.run_dir).name} | {status.get(r.run_id, '?')} | {ema} | "
                          f"{' | '.join(cells)} | {res.get('train_sec', 0):.0f} |")
-    return "\n".join(lines)
+    path = sweep.out_dir / "summary.md"
+    atomic_write_text(path, f"# {sweep.name}\n\n" + "\n".join(lines) + f"\n\nwall time {wall_sec:.0f} s\n")
+    return path
+
+
+def collect_results(root: Path) -> int:
+    try:
+        from harness.collect import collect
+    except ImportError as exc:
+        print(f"collector not available ({exc}): fits, tables and plots skipped; "
+              f"run `python -m harness.collect {root}` once it is installed")
+        return 0
+    try:
+        paths = collect(root)
+    except Exception as exc:  # noqa: BLE001 (the runs are done; report the collector's error in one line)
+        print(f"error: collecting {root} failed: {type(exc).__name__}: {first_line(exc)}", file=sys.stderr)
+        return 1
+    for name, path in (paths or {}).items():
+        print(f"collected {name}: {path}")
+    return 0
+
+
+def _stages(sweep: Sweep, todo: list[PlannedRun]):
+    from launchers.base import RunSpec, StageSpec
+    live = {r.stage for r in todo}
+    return [StageSpec(s.name, tuple(RunSpec(r.run_id, r.run_dir, r.overrides) for r in todo if r.stage == s.name),
+                      tuple(a for a in s.after if a in live))
+            for s in sweep.stages if s.name in live]
+
+
+def _on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)     # unwinds through the launcher, which stops its workers
+
+
+def dispatch(sweep: Sweep, runs: list[PlannedRun], args, extra: list[str], launcher_name: str) -> int:
+    from launchers import LauncherError, get_launcher
+    status, todo = initial_status(runs, args.retry_failed)
+    options = {**sweep.launcher.get(launcher_name, {}), "folder": str(sweep.out_dir)}
+    try:
+        launcher = get_launcher(launcher_name, options)
+    except LauncherError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    write_manifest(sweep, runs, status, launcher_name, args.spec, extra)
+    skipped = len(runs) - len(todo)
+    print(f"sweep {sweep.name}: {len(runs)} runs, {skipped} already ended (completed or failed), "
+          f"{len(todo)} to run on {launcher_name}", flush=True)
+    tic = time.time()
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        if todo:
+            with StatusBoard(runs, status) as board:
+                final = launcher.launch(_stages(sweep, todo), on_update=board.update, wait=True)
+            status.update(final)
+    except (KeyboardInterrupt, SystemExit):
+        print("\ninterrupted: re-run the same command to resume", file=sys.stderr)
+        raise
+    finally:
+        status = {r.run_id: status[r.run_id] if status[r.run_id] == "completed" or _is_failed(status[r.run_id])
+                  else run_state(r.run_dir) for r in runs}
+        write_manifest(sweep, runs, status, launcher_name, args.spec, extra)
+    wall = time.time() - tic
+    summary = write_summary(sweep, runs, status, wall)
+    for r in runs:
+        if _is_failed(status[r.run_id]):
+            print(f"FAILED {Path(r.run_dir).name}: {status[r.run_id]} (log: {sweep.out_dir / 'logs' / r.run_id}.log)")
+    if not todo:
+        print(progress_line(status, wall))
+    print(f"summary: {summary}", flush=True)
+    rc = collect_results(sweep.out_dir)
+    return 0 if rc == 0 and all(s == "completed" for s in status.values()) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.sweep", description=__doc__.splitlines()[0])
-    parser.add_argument("spec")
-    parser.add_argument("overrides", nargs="*", help="key=value applied to every run")
-    parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
-    args = parser.parse_args(argv)
+    parser.add_argument("spec", help="sweep spec YAML (sweeps/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value: spec edits or overrides of every run")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="print the plan and the estimated compute")
+    mode.add_argument("--status", action="store_true", help="report each run's state; submit nothing")
+    parser.add_argument("--retry-failed", action="store_true", help="run failed runs again")
+    args = parser.parse_intermixed_args(argv)
+    from launchers import LauncherError, resolve_name
     try:
-        spec = load_spec(args.spec)
-        runs = plan(spec, args.overrides)
-        configs = [compose(list(r.overrides)) for r in runs]      # every config checked before any work
-    except ConfigError as exc:
+        sweep, extra = load_spec(args.spec, args.overrides)
+        runs = expand(sweep, extra)              # every run's config composed and checked before any work
+        launcher_name = resolve_name(sweep.launcher["name"])
+    except (ConfigError, LauncherError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for run in runs:
-        print(f"{_status(run):>10s}  {run.run_dir}")
     if args.dry_run:
+        print_plan(sweep, runs, launcher_name)
         return 0
-    from launchers.local import run_all
-
-    tic = time.time()
-
-    def report(i: int, result: dict) -> None:
-        run = runs[i]
-        print(f"[{i + 1}/{len(runs)}] {run.stage} {_point_name(run.point)}: {result['status']} "
-              f"({time.time() - tic:.0f} s)", flush=True)
-
-    run_all(configs, report)
-    table = _summary(runs)
-    out = Path(runs[0].run_dir).parent
-    (out / "summary.md").write_text(f"# {spec.get('name', 'sweep')}\n\n{table}\n\nwall time {time.time() - tic:.0f} s\n")
-    print(table)
-    print(f"summary: {out / 'summary.md'} ({time.time() - tic:.0f} s)")
-    return 0 if all(_status(r) == "completed" for r in runs) else 1
+    if args.status:
+        status = {r.run_id: run_state(r.run_dir) for r in runs}
+        print(table(runs, status))
+        print(progress_line({k: ("queued" if v in ("new", "interrupted") else v) for k, v in status.items()}, 0))
+        return 0
+    return dispatch(sweep, runs, args, extra, launcher_name)
 
 
 if __name__ == "__main__":
