@@ -20,6 +20,7 @@ from harness import checkpoint, engine as eng
 from harness.data import load_dataset
 from harness.ema import make_emas
 from harness.eval.grid import save_grid
+from harness.eval.metrics import build_metric
 from harness.eval.score import generate, score
 from harness.nets import build_net, count_params, uses_forced_weight_norm
 from harness.rundir import RunDir
@@ -119,9 +120,9 @@ class Trainer:
         self.precision = eng.resolve_precision(t.precision, self.device)
         torch.manual_seed(cfg.seed)                                   # network initialization
         self.data = load_dataset(cfg.data)            # kept on the host; batches move to the device
-        if (cfg.eval.at_end or cfg.eval.every_steps) and len(self.data.heldout_x) == 0:
-            raise ValueError(f"{cfg.data.name} has no held-out set to score against: set data.heldout "
-                             f"or data.heldout_path, or eval.at_end=false")
+        # the metric is built (weights, statistics, held-out set checked) before any training
+        self.metric = (build_metric(cfg.eval, self.data, self.device, cfg.data)
+                       if cfg.eval.at_end or cfg.eval.every_steps else None)
         self.sampler = EpochSampler(len(self.data.x), cfg.seed)
         net = build_net(cfg.model, self.data.shape, self.data.num_classes).to(self.device)
         if cfg.init_from:
@@ -283,7 +284,8 @@ class Trainer:
         if self.dist.rank == 0:
             try:
                 records = score(self.method, self.ema_nets(), self.data, self.cfg.eval, self.device,
-                                self.counters.step, grid_dir=self.run.path if final else None)
+                                self.counters.step, grid_dir=self.run.path if final else None,
+                                metric=self.metric)
             except Exception as exc:     # every rank learns of it, so none waits forever
                 error = f"evaluation failed: {type(exc).__name__}: {exc}"
             for r in records:

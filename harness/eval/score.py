@@ -1,7 +1,8 @@
-"""Sample each EMA with 1, 2, ... steps and score against held-out data (pixel-space Frechet distance).
+"""Sample each EMA with 1, 2, ... steps and score with the configured metric (harness.eval.metrics).
 
-The evaluation issue replaces the metric with clean-fid / the digits-classifier FD; the protocol record
-(metric, reference, sizes, seed, NFE, sampler time) is already written with every score.
+Every record carries its protocol: step, ema, steps, nfe, metric, value, floor, reference,
+num_samples, seed, sample_sec, plus the metric's own fields (feature_extractor, mode, reference_size,
+floor_set, ...) and the sampler's batch size, device and scoring time.
 """
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from harness.eval.frechet import frechet_distance
 from harness.eval.grid import save_grid
+from harness.eval.metrics import Metric, build_metric
 
 
 @torch.no_grad()
@@ -33,33 +34,29 @@ def generate(method, net, num: int, steps: int, shape, num_classes: int, seed: i
     return torch.cat(out)
 
 
-def floor_score(data, num: int) -> float:
-    """The metric between held-out real data and as many training images: the best reachable value."""
-    gen = torch.Generator().manual_seed(0)
-    idx = torch.randperm(len(data.x), generator=gen)[:num]
-    return frechet_distance(data.x[idx].reshape(len(idx), -1), data.heldout_x.reshape(len(data.heldout_x), -1))
-
-
 def score(method, nets: dict[str, torch.nn.Module], data, ecfg, device, step: int,
-          grid_dir: Path | None = None) -> list[dict]:
-    """One record per (EMA, sampler steps)."""
-    ref = data.heldout_x.reshape(len(data.heldout_x), -1)
-    floor = floor_score(data, min(ecfg.num_samples, len(data.x)))
+          grid_dir: Path | None = None, metric: Metric | None = None) -> list[dict]:
+    """One record per (EMA, sampler steps); `metric` defaults to build_metric(ecfg, data, device)."""
+    metric = metric or build_metric(ecfg, data, device)
+    metric.prepare()                             # reference statistics and floor, before any sampling
     records = []
     for name, net in nets.items():
         for steps in ecfg.steps:
             steps = steps or method.default_steps()
+            if str(device).startswith("cuda"):
+                torch.cuda.synchronize()
             t0 = time.perf_counter()
             x = generate(method, net, ecfg.num_samples, steps, data.shape, data.num_classes,
                          ecfg.seed, ecfg.batch_size, device)
             sample_sec = time.perf_counter() - t0
             finite = bool(torch.isfinite(x).all())
-            value = frechet_distance(x.reshape(len(x), -1), ref) if finite else float("nan")
+            value = metric(x) if finite else float("nan")
             records.append({
+                **metric.protocol(),
                 "step": step, "ema": name, "steps": steps, "nfe": method.nfe(steps),
-                "metric": "pixel_fd", "value": value, "floor": floor,
-                "reference": f"{data.name} held-out ({len(ref)})", "num_samples": ecfg.num_samples,
-                "seed": ecfg.seed, "sample_sec": sample_sec,
+                "value": value, "floor": metric.floor, "num_samples": ecfg.num_samples,
+                "seed": ecfg.seed, "sample_sec": sample_sec, "score_sec": time.perf_counter() - t0 - sample_sec,
+                "sample_batch_size": ecfg.batch_size, "device": str(device),
             })
             if grid_dir is not None and ecfg.grid:
                 save_grid(x[:100].clamp(-1, 1), Path(grid_dir) / f"samples_{name}_{steps}step.png")
