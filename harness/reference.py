@@ -28,6 +28,8 @@ _REQUIRED = ("paper", "table", "order", "caption", "dataset", "metric", "source"
 _COLUMN_KEYS = {"label", "kind", "role", "nfe", "metric"}
 _ROW_KEYS = {"cells", "method", "where", "dataset"}
 _CELL_KEYS = {"v", "bold", "underline", "italic", "mark"}
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: several times faster
+_CACHE: dict[tuple[str, int, int], Table] = {}  # (path, mtime_ns, size) -> checked table (read-only)
 
 
 class ReferenceError(ValueError):
@@ -141,9 +143,18 @@ def check_table(name: str, doc) -> Table:
 
 
 def load_table(path: Path) -> Table:
-    """Read and check one reference YAML file."""
+    """Read and check one reference YAML file (cached while the file is unchanged)."""
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _CACHE:
+        _CACHE[key] = _read_table(path)
+    return _CACHE[key]
+
+
+def _read_table(path: Path) -> Table:
     try:
-        doc = yaml.safe_load(Path(path).read_text())
+        doc = yaml.load(path.read_text(), Loader=_LOADER)
     except yaml.YAMLError as exc:
         raise ReferenceError(f"{Path(path).name}: (yaml): {str(exc).splitlines()[0]}") from None
     table = check_table(Path(path).name, doc)

@@ -34,6 +34,7 @@ class Measured:
     cells: list[list[str]] = field(default_factory=list)  # per paper row, one string per label
     extra: list[tuple[dict, list[str]]] = field(default_factory=list)  # (row cells by role, measured cells)
     notes: list[str] = field(default_factory=list)
+    used: set = field(default_factory=set)  # DataFrame index labels of the scores this table shows
 
 
 def _fmt(value: float) -> str:
@@ -44,8 +45,17 @@ def _nfes(cell) -> list[int]:
     return [int(v) for v in cell_values(cell) if v.isdigit()]
 
 
+def final_scores(df):
+    """Completed runs' final-checkpoint scores (a record whose step is the run's last), as the collector fits them."""
+    if "status" in df:
+        df = df[df["status"] == "completed"]
+    if "step" in df and "train_steps" in df:
+        df = df[df["step"].isna() | df["train_steps"].isna() | (df["step"] == df["train_steps"])]
+    return df
+
+
 def _subset(df, dataset: str, table: Table):
-    sub = df[(df["data"] == dataset) & (df["status"] == "completed")] if "status" in df else df[df["data"] == dataset]
+    sub = df[df["data"] == dataset]
     if table["metric"]:
         sub = sub[sub["metric"] == table["metric"]]
     cond = table.get("conditional")
@@ -67,6 +77,7 @@ def measure(table: Table, df) -> Measured:
     """The added columns for `table` from the collector's DataFrame (none when no run matches)."""
     if df is None or not table["dataset"] or not len(df) or not any("method" in r for r in table["rows"]):
         return Measured()  # ablation tables name no harness method: nothing to put beside them
+    df = final_scores(df)
     sub = _subset(df, table["dataset"], table)
     columns = table["columns"]
     nfe_col = next((j for j, c in enumerate(columns) if c.get("role") == "nfe"), None)
@@ -78,7 +89,7 @@ def measure(table: Table, df) -> Measured:
         labels = [f"cmbench {metric}"]
     else:
         labels = [f"cmbench {n}-step {metric}" for n in col_nfes]
-    out = Measured(labels=labels)
+    out = Measured(labels=labels, used=set(sub.index))
     for row in table["rows"]:
         rsub = _subset(df, row["dataset"], table) if row.get("dataset") else sub
         if "method" not in row:
@@ -97,9 +108,9 @@ def measure(table: Table, df) -> Measured:
         else:
             out.extra.append(({"method": f"cmbench: {method}"}, [_best(sub, method, None, n) for n in col_nfes]))
     runs = sub["run_dir"].nunique() if "run_dir" in sub else 0
-    out.notes.append(f"cmbench: this harness's {metric} on {table['dataset']}, lowest over {len(sub)} score records "
-                     f"of {runs} completed runs per (method, NFE) cell; rows 'cmbench: <method>' are methods the "
-                     f"paper's table does not list.")
+    out.notes.append(f"cmbench: this harness's {metric} on {table['dataset']} ({len(sub)} final-checkpoint scores of "
+                     f"{runs} completed runs); each cell is the lowest over EMAs and runs of that method and NFE; "
+                     f"rows 'cmbench: <method>' are methods the paper's table does not list.")
     return out
 
 
@@ -210,15 +221,27 @@ def render_latex(table: Table, measured: Measured | None = None) -> str:
 def render(paper: str = "all", df=None, latex: bool = False, root=None) -> str:
     """Every table of `paper` (or all papers) rendered, with cmbench columns from `df` where runs match."""
     tables = load_tables(paper, root) if root else load_tables(paper)
-    parts, current = [], None
+    parts, current, used = [], None, set()
     for table in tables:
         if table["paper"] != current:
             current = table["paper"]
             title = PAPER_TITLES[current]
             parts.append(f"% {title}\n" if latex else f"## {title}\n")
         fn = render_latex if latex else render_markdown
-        parts.append(fn(table, measure(table, df)))
+        measured = measure(table, df)
+        used |= measured.used
+        parts.append(fn(table, measured))
+    if df is not None:
+        parts.append(_unmatched(final_scores(df), used, latex))
     return "\n".join(parts)
+
+
+def _unmatched(df, used: set, latex: bool) -> str:
+    """One line naming the (dataset, metric) of final scores that no printed table shows."""
+    rest = df[~df.index.isin(list(used))]
+    pairs = sorted({(str(d), str(m)) for d, m in zip(rest["data"], rest["metric"])})
+    text = "cmbench runs with no matching paper table: " + (", ".join(f"{d}/{m}" for d, m in pairs) or "none")
+    return f"% {text}\n" if latex else f"_{text}_\n"
 
 
 def _load_runs(runs: str):

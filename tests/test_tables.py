@@ -364,3 +364,148 @@ def test_latex_marks_bold_with_textbf():
     tex = tables.render_latex(TABLES["sct_table1_cifar10"])
     assert r"\textbf{SCT} & 2 & \textbf{2.05}$^{a}$ \\" in tex
     assert r"FID ($\downarrow$)" in tex
+
+
+# ---- the schema check at load: one line naming the file and the field
+GOOD = {"paper": "ect", "table": "1", "order": 1, "caption": "c", "dataset": "cifar10", "metric": "fid",
+        "source": {"spec": "ect_sct.md", "section": "3.11"},
+        "columns": [{"label": "Method", "kind": "text", "role": "method"}, {"label": "FID", "kind": "number", "metric": "fid"}],
+        "rows": [{"cells": ["iCT", "2.83"], "method": "ict"}], "footnotes": [{"mark": "a", "text": "note"}]}
+
+
+def _bad(tmp_path, **change):
+    doc = yaml.safe_load(yaml.safe_dump(GOOD))
+    for key, value in change.items():
+        if value is None:
+            del doc[key]
+        else:
+            doc[key] = value
+    path = tmp_path / "ect_bad.yaml"
+    path.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    with pytest.raises(ReferenceError) as err:
+        load_table(path)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("ect_bad.yaml: ")
+    return msg
+
+
+def test_schema_accepts_the_good_table(tmp_path):
+    path = tmp_path / "ect_good.yaml"
+    path.write_text(yaml.safe_dump(GOOD))
+    assert load_table(path).name == "ect_good"
+
+
+def test_schema_errors_name_file_and_field(tmp_path):
+    assert _bad(tmp_path, caption=None) == "ect_bad.yaml: caption: missing"
+    assert _bad(tmp_path, paper="edm").startswith("ect_bad.yaml: paper: 'edm' is not one of ect, sct, scm, gcm, cm")
+    assert _bad(tmp_path, rows=[{"cells": ["iCT", 2.83]}]).startswith("ect_bad.yaml: rows[0].cells[1]: cell values are strings")
+    assert _bad(tmp_path, rows=[{"cells": ["iCT", "2.8x"]}]).startswith("ect_bad.yaml: rows[0].cells[1]: '2.8x' is not a number")
+    assert _bad(tmp_path, rows=[{"cells": ["iCT"]}]).startswith("ect_bad.yaml: rows[0].cells: needs 2 cells")
+    assert _bad(tmp_path, rows=[{"cells": ["iCT", {"v": "2.83", "mark": "z"}]}]).startswith(
+        "ect_bad.yaml: rows[0].cells[1]: footnote mark 'z' has no footnote")
+    assert _bad(tmp_path, columns=[{"label": "Method", "kind": "text"}, {"label": "FID", "kind": "float"}]).startswith(
+        "ect_bad.yaml: columns[1].kind: 'float' is not one of number, text")
+    assert _bad(tmp_path, colour="red").startswith("ect_bad.yaml: colour: unknown field")
+
+
+def test_bad_reference_file_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    (tmp_path / "ect_x.yaml").write_text(yaml.safe_dump({**GOOD, "order": "first"}))
+    monkeypatch.setattr(tables, "load_tables", lambda paper: __import__("harness.reference").reference.load_tables(paper, tmp_path))
+    assert tables.main(["--paper", "ect"]) == 2
+    assert capsys.readouterr().err.strip() == "harness.tables: ect_x.yaml: order: must be an integer (position of the table in its paper)"
+
+
+def test_every_reference_file_loads_and_is_named_by_paper():
+    files = sorted(REFERENCE_DIR.glob("*.yaml"))
+    assert len(files) == len(TABLES) == 55
+    for path in files:
+        assert path.stem.split("_")[0] == load_table(path)["paper"]
+
+
+# ---- cmbench columns from the collector's DataFrame
+def _score(method, data, nfe, value, *, cond=False, variant=None, step=100, run=None, metric="fid", ema="ema_0.999"):
+    row = {"run_dir": run or f"runs/{method}-{data}-{variant}", "status": "completed", "method": method, "data": data,
+           "nfe": nfe, "steps": nfe, "metric": metric, "value": value, "ema": ema, "step": step, "train_steps": 100,
+           "cfg.data.class_conditional": cond}
+    if variant:
+        row["cfg.method.variant"] = variant
+    return row
+
+
+def synthetic_df():
+    return pd.DataFrame([
+        _score("ect", "cifar10", 1, 5.0), _score("ect", "cifar10", 1, 4.0, ema="ema_0.9999"),  # best EMA: 4.00
+        _score("ect", "cifar10", 1, 1.0, step=50),  # an intermediate checkpoint: not a final score
+        _score("ect", "cifar10", 2, 3.0, run="runs/ect-b"), _score("ect", "cifar10", 2, 3.5),
+        _score("gcm", "cifar10", 1, 2.5, variant="cu"), _score("gcm", "cifar10", 2, 2.25, variant="cu"),
+        _score("scd", "cifar10", 1, 7.0),  # not in ECT's CIFAR-10 table: an added row
+        _score("ict", "imagenet64", 2, 9.0, cond=False),  # unconditional: not ImageNet's class-conditional tables
+        _score("ect", "digits", 1, 0.0123, metric="digits_fd"),
+    ])
+
+
+def test_measured_column_beside_ect_cifar10():
+    md = tables.render_markdown(TABLES["ect_table1_cifar10"], tables.measure(TABLES["ect_table1_cifar10"], synthetic_df()))
+    rows = _md_rows(md.splitlines())
+    assert rows[0] == ["Group", "Method", "FID↓", "NFE↓", "cmbench fid"]
+    assert [tuple(r[:4]) for r in rows[1:21]] == ECT_CIFAR10  # the paper's rows untouched, in order
+    by = {(r[1], r[3]): r[4] for r in rows[1:21]}
+    assert by[("ECM (100k iters)", "1")] == by[("ECM (400k iters)", "1")] == "4.00"
+    assert by[("ECM (100k iters)", "2")] == "3.00"
+    assert by[("iCT", "1")] == "" and by[("Score SDE", "2000")] == ""
+    assert rows[21:] == [["", "cmbench: gcm", "", "1", "2.50"], ["", "cmbench: gcm", "", "2", "2.25"],
+                         ["", "cmbench: scd", "", "1", "7.00"]]  # measured methods the table does not list
+    assert "cmbench: this harness's fid on cifar10 (7 final-checkpoint scores of 4 completed runs)" in md
+
+
+def test_measured_columns_per_nfe_and_filters():
+    df = synthetic_df()
+    m = tables.measure(TABLES["gcm_table5_cost"], df)
+    assert m.labels == ["cmbench 1-step fid", "cmbench 2-step fid"]
+    names = [r["cells"][0] for r in TABLES["gcm_table5_cost"]["rows"]]
+    cells = dict(zip(names, m.cells))
+    assert cells["CU (Ours)"] == ["2.50", "2.25"] and cells["VU (Ours)"] == ["", ""]  # variant filter
+    sc = tables.measure(TABLES["scm_table1_cifar10"], df)
+    ect_row = next(i for i, r in enumerate(TABLES["scm_table1_cifar10"]["rows"]) if r.get("method") == "ect")
+    assert sc.cells[ect_row] == ["4.00 / 3.00"]  # a '1 / 2' row gets both NFEs
+    assert tables.measure(TABLES["gcm_table2_cu"], df).labels == []  # an ablation table names no method
+    assert tables.measure(TABLES["ect_table1_imagenet64"], df).labels == []  # class-conditional table, uncond run
+    assert tables.measure(TABLES["ect_table5_cifar10_cond"], df).labels == []  # FD_DINOv2 table, FID runs
+
+
+def test_runs_option_through_a_stub_collector(tmp_path, monkeypatch, capsys):
+    stub = types.ModuleType("harness.collect")
+    stub.load_runs = lambda root: (synthetic_df(), [])
+    monkeypatch.setitem(sys.modules, "harness.collect", stub)
+    assert tables.main(["--paper", "ect", "--runs", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    rows = _md_rows(_section(out, "ECT Table 1: CIFAR-10 (unconditional)"))
+    assert rows[0][-1] == "cmbench fid" and rows[20][1:] == ["ECM (400k iters)", "2.11", "2", "3.00"]
+    assert "_cmbench runs with no matching paper table: digits/digits_fd, imagenet64/fid_" in out  # ECT's ImageNet: cond
+    assert tables.main(["--paper", "ect", "--runs", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.strip() == f"harness.tables: --runs: '{tmp_path / 'nope'}' is not a directory of run directories"
+
+
+def _run_dir(root: Path, name: str, method: str, scores: list[tuple[int, float]], status="completed", variant=None):
+    path = root / name
+    path.mkdir(parents=True)
+    cfg = {"method": {"name": method, **({"variant": variant} if variant else {})}, "model": {"name": "unet"},
+           "data": {"name": "cifar10", "class_conditional": False}}
+    (path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    recs = [{"step": 10, "ema": "ema", "steps": n, "nfe": n, "metric": "fid", "value": v, "floor": 0.0,
+             "reference": "cifar10-train", "num_samples": 100, "seed": 0, "sample_sec": 0.1} for n, v in scores]
+    (path / "result.json").write_text(__import__("json").dumps({"status": status, "scores": recs, "nimg": 1280, "steps": 10}))
+
+
+def test_runs_option_with_the_collector_on_run_directories(tmp_path, capsys):
+    pytest.importorskip("harness.collect", reason="harness.collect.load_runs not written yet")
+    _run_dir(tmp_path, "ect-a", "ect", [(1, 4.25), (2, 2.5)])
+    _run_dir(tmp_path, "gcm-vu", "gcm", [(1, 3.125), (2, 2.75)], variant="vu")
+    _run_dir(tmp_path, "ict-failed", "ict", [(1, 1.0)], status="failed: out of memory")
+    assert tables.main(["--paper", "gcm", "--runs", str(tmp_path)]) == 0
+    rows = _md_rows(_section(capsys.readouterr().out, "GCM Table 4"))
+    by = {(r[1], r[3]): r[4] for r in rows[1:]}
+    assert rows[0][-1] == "cmbench fid"
+    assert by[("ECT (Geng et al., 2024)", "1")] == "4.25" and by[("ECT", "2")] == "2.50"
+    assert by[("**VU (Ours)**", "1")] == "3.12" and by[("**VU (Ours)**", "2")] == "2.75" and by[("**CU (Ours)**", "1")] == ""
+    assert by[("iCT", "2")] == ""  # the failed run is not a score
