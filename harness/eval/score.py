@@ -40,9 +40,9 @@ def score(method, nets: dict[str, torch.nn.Module], data, ecfg, device, step: in
     metric = metric or build_metric(ecfg, data, device)
     metric.prepare()                             # reference statistics and floor, before any sampling
     records = []
+    step_counts = list(dict.fromkeys(s or method.default_steps() for s in ecfg.steps))   # 0 = N; once each
     for name, net in nets.items():
-        for steps in ecfg.steps:
-            steps = steps or method.default_steps()
+        for steps in step_counts:
             if str(device).startswith("cuda"):
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
