@@ -177,7 +177,7 @@ _LATEX_UNICODE = {"↓": r"$\downarrow$", "×": r"$\times$", "–": "--", "—":
                   "✗": r"$\times$", "∞": r"$\infty$", "→": r"$\rightarrow$", "≡": r"$\equiv$", "≤": r"$\leq$",
                   "†": r"\dag{}", "w̄": r"$\bar{w}$", "ν": r"$\nu$", "μ": r"$\mu$", "λ": r"$\lambda$",
                   "γ": r"$\gamma$", "ε": r"$\epsilon$", "θ": r"$\theta$", "·": r"$\cdot$", "≈": r"$\approx$",
-                  "±": r"$\pm$", "−": r"$-$", "∈": r"$\in$"}
+                  "±": r"$\pm$", "−": r"$-$", "∈": r"$\in$", "§": r"\S{}"}
 
 
 def latex_escape(text: str) -> str:
