@@ -28,7 +28,7 @@ def save(fig, stem: Path) -> dict[str, Path]:
     out = {}
     for ext in ("png", "pdf"):
         path = stem.with_suffix("." + ext)
-        fig.savefig(path, format=ext, dpi=120, metadata=_METADATA[ext], bbox_inches="tight")
+        fig.savefig(path, format=ext, dpi=120, metadata=_METADATA[ext])
         out[path.name] = path
     plt.close(fig)
     return out
@@ -59,7 +59,8 @@ def _plain_log_ticks(axis, lo: float, hi: float) -> None:
 
 def _facets(nfes) -> tuple:
     nfes = sorted(nfes)
-    fig, axes = plt.subplots(1, len(nfes), figsize=(4.0 * len(nfes), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(nfes), figsize=(4.0 * len(nfes) + 1.2, 3.4), squeeze=False,
+                             layout="constrained")
     return fig, dict(zip(nfes, axes[0]))
 
 
@@ -87,9 +88,8 @@ def plot_scaling(points: pd.DataFrame, laws: dict[tuple, PowerLaw], *, x: str, h
         if first.get_legend() is not None:
             handles, labels = first.get_legend_handles_labels()
             first.get_legend().remove()
-            fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)
+            fig.legend(handles, labels, loc="outside right center", fontsize=7, frameon=False)
         fig.suptitle(title, fontsize=9)
-        fig.tight_layout()
         return save(fig, stem)
 
 
@@ -103,7 +103,7 @@ def plot_steps(points: pd.DataFrame, *, metric: str, stem: Path, title: str) -> 
         return {}
     with plt.rc_context(_RC):
         palette = _palette(wide)
-        fig, ax = plt.subplots(figsize=(4.0, 3.6))
+        fig, ax = plt.subplots(figsize=(4.0, 3.6), layout="constrained")
         sns.scatterplot(data=wide, x="one", y="two", hue="method", palette=palette, hue_order=list(palette),
                         ax=ax)
         lo = float(min(wide["one"].min(), wide["two"].min())) * 0.9
@@ -114,5 +114,4 @@ def plot_steps(points: pd.DataFrame, *, metric: str, stem: Path, title: str) -> 
         _plain_log_ticks(ax.xaxis, lo, hi)
         _plain_log_ticks(ax.yaxis, lo, hi)
         ax.legend(fontsize=7, frameon=False)
-        fig.tight_layout()
         return save(fig, stem)

@@ -1,0 +1,188 @@
+"""The collector (harness.collect, harness.runs): completed, failed, half-written and garbage runs; fits
+from synthetic runs; identical files twice; the CLI's errors."""
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from harness.collect import CollectConfig, collect, fit_points, load_runs, main
+from harness.runs import flatten
+from synthetic_runs import CONFIG, score, write_run
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_synthetic_config_is_the_real_one(tmp_path):
+    """The helper's config.yaml holds what compose() resolves for the command it mirrors (keys added to
+    the config since are allowed: the collector flattens whatever it finds)."""
+    from omegaconf import OmegaConf
+
+    from harness.config import compose
+    cfg = compose(["method=ect", "model=unet-xs", "data=digits", "trainer.steps=20", "eval.num_samples=100",
+                   f"run_dir={tmp_path}"])
+    real = flatten(OmegaConf.to_container(cfg, resolve=True))
+    mine = flatten({**CONFIG, "run_dir": str(tmp_path)})
+    assert {k: real.get(k, "<missing>") for k in mine} == mine
+
+
+@pytest.fixture
+def mixed(tmp_path):
+    root = tmp_path / "results"
+    write_run(root / "sweep" / "ect-a", steps=100)
+    write_run(root / "sweep" / "ect-b", steps=200, scores=[score(35.0, 1, step=200), score(26.0, 2, step=200),
+                                                           score(24.0, 2, step=200, ema="ema_std0.10")],
+              evaluate=[score(33.0, 1, step=200), score(1.5, 1, step=200, metric="digits_fd")])
+    write_run(root / "failed", status="failed: RuntimeError: CUDA out of memory")
+    write_run(root / "running", status="running")
+    (root / "half").mkdir()
+    (root / "half" / "config.yaml").write_text((root / "sweep" / "ect-a" / "config.yaml").read_text())
+    write_run(root / "truncated")
+    text = (root / "truncated" / "result.json").read_text()
+    (root / "truncated" / "result.json").write_text(text[: len(text) // 2])
+    (root / "garbage").mkdir()
+    (root / "garbage" / "config.yaml").write_bytes(bytes(range(256)) * 4)
+    (root / "garbage" / "result.json").write_text("not json at all {")
+    (root / "notyaml").mkdir()
+    (root / "notyaml" / "config.yaml").write_text("- just\n- a list\n")
+    (root / "notyaml" / "result.json").write_text('{"status": "completed", "scores": []}')
+    write_run(root / "badscore", scores=[score("n/a", 1), {"metric": "pixel_fd"}, score("nan", 2)])
+    (root / "not-a-run").mkdir()
+    (root / "not-a-run" / "notes.txt").write_text("nothing here")
+    return root
+
+
+def _problems(problems):
+    out = {}
+    for p in problems:
+        out.setdefault(p["run"], []).append(p["problem"])
+    return out
+
+
+def test_load_runs_mixed_directory(mixed):
+    df, problems = load_runs(mixed)
+    assert sorted(df["run"].unique()) == ["badscore", "sweep/ect-a", "sweep/ect-b"]
+    probs = _problems(problems)
+    assert sorted(probs) == ["badscore", "failed", "garbage", "half", "notyaml", "running", "truncated"]
+    assert probs["failed"] == ["failed: RuntimeError: CUDA out of memory"]
+    assert probs["running"] == ["unfinished: status running, last logged step 20 of 20"]
+    assert probs["half"] == ["unfinished: config.yaml only, no result.json"]
+    assert probs["truncated"][0].startswith("result.json unreadable (truncated or corrupt): JSONDecodeError")
+    assert [p.split(" ")[0] for p in probs["garbage"]] == ["config.yaml", "result.json"]
+    assert probs["notyaml"] == ["config.yaml is not a mapping (got list)"]
+    assert "value 'n/a' is not a number" in probs["badscore"][0]
+    assert "score 1 is not a record" in probs["badscore"][1] and "is nan" in probs["badscore"][2]
+    assert all(p["run_dir"] == str(mixed / p["run"]) for p in problems)
+
+
+def test_rows_columns_and_evaluate_json_wins(mixed):
+    df, _ = load_runs(mixed)
+    for col in ("run_dir", "status", "method", "model", "data", "num_params", "nimg", "flops", "train_sec",
+                "ema", "steps", "nfe", "metric", "value", "floor", "cfg.trainer.steps", "cfg.method.mid_t"):
+        assert col in df.columns
+    a = df[df["run"] == "sweep/ect-a"].set_index("nfe")
+    assert a.loc[1, "value"] == 40.0 and a.loc[2, "value"] == 30.0
+    assert a.loc[1, "nimg"] == 100 * 128 and a.loc[1, "flops"] == pytest.approx(3.566e7 * 12800)
+    assert a.loc[1, "cfg.trainer.steps"] == 100 and a.loc[1, "cfg.method.mid_t"] == "[0.821]"
+    assert a.loc[1, "num_params"] == 164283 and a.loc[1, "run_dir"] == str(mixed / "sweep" / "ect-a")
+    b = df[df["run"] == "sweep/ect-b"]
+    got = {(r.metric, r.ema, r.nfe): (r.value, r.source) for r in b.itertuples()}
+    assert got == {("pixel_fd", "ema_std0.05", 1): (33.0, "evaluate.json"),
+                   ("pixel_fd", "ema_std0.05", 2): (26.0, "result.json"),
+                   ("pixel_fd", "ema_std0.10", 2): (24.0, "result.json"),
+                   ("digits_fd", "ema_std0.05", 1): (1.5, "evaluate.json")}
+    bad = df[df["run"] == "badscore"]
+    assert len(bad) == 1 and math.isnan(bad["value"].iloc[0])      # kept, flagged, never fitted
+    pts = fit_points(df, CollectConfig())
+    assert pts[(pts.run == "sweep/ect-b") & (pts.nfe == 2)]["ema"].tolist() == ["ema_std0.10"]  # best EMA
+    assert "badscore" not in set(pts["run"])
+    named = fit_points(df, CollectConfig(ema="ema_std0.05"))
+    assert named[(named.run == "sweep/ect-b") & (named.nfe == 2)]["value"].tolist() == [26.0]
+
+
+def _law_runs(root, budgets=(100, 200, 400, 800)):
+    """ECT's law on two methods: 1-step value = K * (steps / smallest)^alpha, 2-step 0.6 of it."""
+    laws = {"ect": (263.0, -0.060), "ict": (300.0, -0.1)}
+    for method, (K, alpha) in laws.items():
+        for s in budgets:
+            v = K * (s / budgets[0]) ** alpha
+            write_run(root / f"{method}-{s}", method=method, steps=s,
+                      scores=[score(v, 1, step=s), score(0.6 * v, 2, step=s)])
+    return laws
+
+
+def test_fits_from_synthetic_runs(tmp_path):
+    laws = _law_runs(tmp_path / "runs")
+    files = collect(tmp_path / "runs", tmp_path / "out", bootstrap=200, plots=False)
+    fits = pd.read_csv(files["fits.csv"])
+    comp = fits[fits.kind == "compute"].set_index(["method", "nfe"])
+    for method, (K, alpha) in laws.items():
+        assert comp.loc[(method, 1), "alpha"] == pytest.approx(alpha, abs=1e-9)
+        assert comp.loc[(method, 1), "K"] == pytest.approx(K, rel=1e-9)
+        assert comp.loc[(method, 2), "K"] == pytest.approx(0.6 * K, rel=1e-9)
+        assert comp.loc[(method, 1), "x0"] == pytest.approx(3.566e7 * 100 * 128)
+        assert comp.loc[(method, 1), "r"] == pytest.approx(-1.0)
+    size = fits[fits.kind == "size"]
+    assert size["note"].str.contains("two distinct x").all()        # one model size: listed, not fitted
+    matched = pd.read_csv(files["matched.csv"])
+    assert (matched["source"] == "measured").all()
+    assert matched.set_index(["method", "nfe"]).loc[("ect", 1), "value"] == pytest.approx(263.0 * 8 ** -0.06)
+    target = pd.read_csv(files["target.csv"]).set_index(["method", "nfe"])
+    best2 = min(0.6 * 263.0 * 8 ** -0.06, 0.6 * 300.0 * 8 ** -0.1)   # 2-step at the largest budget: ECT's
+    assert target["target"].iloc[0] == pytest.approx(1.5 * best2)
+    need = 3.566e7 * 12800 * (1.5 * best2 / 263.0) ** (1 / -0.06)
+    assert target.loc[("ect", 1), "flops_needed"] == pytest.approx(need, rel=1e-9)
+    assert target.loc[("ect", 1), "source"] == "extrapolated"
+    for name in ("runs.md", "runs.tex", "fits.md", "fits.tex", "matched.md", "target.tex", "problems.md"):
+        assert files[name].stat().st_size > 0
+    assert "| ect | unet-xs | digits |" in files["runs.md"].read_text()
+    assert r"\begin{tabular}" in files["fits.tex"].read_text()
+
+
+def test_same_directory_twice_gives_identical_files(tmp_path, mixed):
+    _law_runs(mixed / "laws")
+    first = collect(mixed, tmp_path / "a", bootstrap=100)
+    second = collect(mixed, tmp_path / "b", bootstrap=100)
+    assert sorted(first) == sorted(second)
+    for kind in ("compute", "size", "steps"):
+        for ext in ("png", "pdf"):
+            assert first[f"plots/{kind}_digits_pixel_fd.{ext}"].stat().st_size > 1000
+    for name in first:
+        assert first[name].read_bytes() == second[name].read_bytes(), name
+    again = collect(mixed, bootstrap=100, plots=False)                # default out: root/collected
+    assert all(p.parent == mixed / "collected" for p in again.values())
+    rerun = collect(mixed, bootstrap=100, plots=False)                # the output folder is not a run
+    assert rerun["problems.md"].read_bytes() == first["problems.md"].read_bytes()
+    assert rerun["runs.csv"].read_bytes() == first["runs.csv"].read_bytes()
+
+
+def test_cli(tmp_path, capsys):
+    assert main([str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not exist" in err
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty")]) == 0
+    assert "no run directories" in capsys.readouterr().out
+    assert not (tmp_path / "empty" / "collected").exists()
+    _law_runs(tmp_path / "runs", budgets=(100, 200))
+    write_run(tmp_path / "runs" / "failed", status="failed: ValueError: bad")
+    assert main([str(tmp_path / "runs"), "--metric", "fid"]) == 2
+    assert "metric 'fid' is not in the runs" in capsys.readouterr().err
+    assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "o"), "--target", "250", "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert "5 run directories" in out and "4 completed" in out and "1 problems" in out
+    assert "fits: 4 compute" in out and str(tmp_path / "o") in out
+    assert (pd.read_csv(tmp_path / "o" / "target.csv")["target"] == 250.0).all()
+
+
+def test_module_entry_point(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "harness.collect", str(tmp_path / "nope")], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: results directory")
+
+
+def test_flatten():
+    assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": None, "e": {}}) == \
+        {"cfg.a.b": 1, "cfg.a.c": "[1, 2]", "cfg.d": None, "cfg.e": "{}"}
