@@ -26,7 +26,7 @@ _TABLE_KEYS = {"paper", "table", "order", "caption", "dataset", "metric", "sourc
                "panel", "conditional", "kind"}
 _REQUIRED = ("paper", "table", "order", "caption", "dataset", "metric", "source", "columns", "rows", "footnotes")
 _COLUMN_KEYS = {"label", "kind", "role", "nfe", "metric"}
-_ROW_KEYS = {"cells", "method", "where", "dataset"}
+_ROW_KEYS = {"cells", "method", "where", "dataset", "nfe"}  # nfe: the row's NFE where no column gives it
 _CELL_KEYS = {"v", "bold", "underline", "italic", "mark"}
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: several times faster
 _CACHE: dict[tuple[str, int, int], Table] = {}  # (path, mtime_ns, size) -> checked table (read-only)
@@ -104,9 +104,11 @@ def _check_rows(name: str, rows, columns, marks: set[str]) -> None:
     for i, row in enumerate(rows):
         where = f"rows[{i}]"
         if not isinstance(row, dict) or "cells" not in row or set(row) - _ROW_KEYS:
-            _fail(name, where, f"a mapping with 'cells' and optional method/where/dataset; got {row!r}")
+            _fail(name, where, f"a mapping with 'cells' and optional method/where/dataset/nfe; got {row!r}")
         if not isinstance(row["cells"], list) or len(row["cells"]) != len(columns):
             _fail(name, where + ".cells", f"needs {len(columns)} cells (one per column); got {len(row['cells'])}")
+        if "nfe" in row and not (isinstance(row["nfe"], int) and row["nfe"] > 0):
+            _fail(name, where + ".nfe", f"must be a positive integer; got {row['nfe']!r}")
         if "where" in row and not isinstance(row["where"], dict):
             _fail(name, where + ".where", "must map collector columns to values")
         for j, cell in enumerate(row["cells"]):

@@ -79,6 +79,8 @@ def measure(table: Table, df) -> Measured:
         return Measured()  # ablation tables name no harness method: nothing to put beside them
     df = final_scores(df)
     sub = _subset(df, table["dataset"], table)
+    if table.get("kind") == "fit":
+        return _measure_fit(table, sub) if len(sub) and "nimg" in sub else Measured()
     columns = table["columns"]
     nfe_col = next((j for j, c in enumerate(columns) if c.get("role") == "nfe"), None)
     col_nfes = sorted({c["nfe"] for c in columns if "nfe" in c})
@@ -117,6 +119,29 @@ def measure(table: Table, df) -> Measured:
 def md_escape(text: str) -> str:
     """Escape the characters Markdown would read as emphasis or a cell border."""
     return text.replace("\\", "\\\\").replace("*", "\\*").replace("|", "\\|")
+
+
+def _measure_fit(table: Table, sub) -> Measured:
+    """This harness's K, alpha and Pearson r of metric = K * C^alpha beside a paper's fitted law: C is
+    training images over the smallest budget (ECT Fig. 4: the model is fixed, so FLOPs are proportional)."""
+    from harness.fit import FitError, fit_power_law  # numpy only; imported when a fit is asked for
+
+    out = Measured(labels=["cmbench K", "cmbench α", "cmbench r"], used=set(sub.index))
+    for row in table["rows"]:
+        pts = sub[(sub["method"] == row.get("method")) & (sub["nfe"] == row.get("nfe"))]
+        pts = pts.sort_values("value").drop_duplicates("run_dir")  # one score per run: its best EMA
+        models = set(pts["model"]) if "model" in pts else set()
+        try:
+            if len(models) > 1:
+                raise FitError(f"runs of {len(models)} models")
+            law = fit_power_law(pts["nimg"], pts["value"], bootstrap=0)
+            out.cells.append([f"{law.K:.1f}", f"{law.alpha:.3f}", f"{law.r:.4f}"])
+        except FitError as exc:
+            out.cells.append(["", "", ""])
+            out.notes.append(f"cmbench {row['cells'][0]}: no fit ({exc})")
+    out.notes.append(f"cmbench: least squares of ln {table['metric']} on ln C over completed runs' final scores "
+                     f"on {table['dataset']}, C = training images / the smallest budget.")
+    return out
 
 
 def _cell_markdown(cell) -> str:

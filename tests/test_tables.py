@@ -201,3 +201,16 @@ def test_runs_option_with_the_collector_on_run_directories(tmp_path, capsys):
 def test_latex_is_ascii():
     tex = tables.render("all", latex=True)
     assert [ch for ch in tex if ord(ch) > 127] == []  # Unicode symbols mapped, so pdflatex needs no inputenc
+
+
+def test_scaling_fit_beside_ect_fig4():
+    # six ECT budgets on class-conditional CIFAR-10 from FD = K * C^alpha with ECT's own constants (Fig. 4)
+    rows = []
+    for i, c in enumerate([1, 2, 4, 8, 16, 32]):
+        for nfe, k, alpha in ((1, 263.0, -0.060), (2, 164.0, -0.028)):
+            rows.append({**_score("ect", "cifar10", nfe, k * c ** alpha, cond=True, metric="fd_dinov2", run=f"r{i}"),
+                         "nimg": 12.8e6 * c, "model": "ddpmpp"})
+    m = tables.measure(TABLES["ect_fig4_scaling"], pd.DataFrame(rows))
+    assert m.labels == ["cmbench K", "cmbench α", "cmbench r"]
+    assert m.cells == [["263.0", "-0.060", "-1.0000"], ["164.0", "-0.028", "-1.0000"]]
+    assert tables.measure(TABLES["ect_fig4_scaling"], pd.DataFrame(rows[:2])).cells[0] == ["", "", ""]  # one budget
