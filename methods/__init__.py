@@ -9,7 +9,7 @@ import importlib
 
 _REGISTRY: dict[str, type] = {}
 # Modules whose import registers the built-in methods (the registry is filled lazily, on first use).
-_BUILTIN_MODULES = ("methods.edm", "methods.ect", "methods.cm", "methods.trigflow", "methods.scm")
+_BUILTIN_MODULES = ("methods.edm", "methods.ect", "methods.cm", "methods.trigflow", "methods.scm", "methods.stable_ct", "methods.gcm")
 _loaded = False
 
 
