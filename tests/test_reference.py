@@ -199,6 +199,17 @@ DISCREPANCIES = [
      [("scm_table1_cifar10", "StyleGAN-XL", ("FID",), ["1.52"]), ("scm_table1_imagenet64", "StyleGAN-XL", ("FID",), ["1.52"])]),
     ("found here, not in the specs: sCT CIFAR-10 1-step 2.97 (sCM Table 1) vs 2.85 (Guide Tab. 4)",
      [("scm_table1_cifar10", "sCT (ours)", ("FID",), ["2.97", "2.06"]), ("gcm_table4_cifar10", ("sCT (Lu & Song, 2024)", "1"), ("FID",), ["2.85"])]),
+    ("found here, not in the specs: CTM CIFAR-10 at NFE 1 is 1.87 in sCM Table 1, 5.19 in SCT (whose +GAN row is 1.98 / 1.87 at NFE 1 / 2)",
+     [("scm_table1_cifar10", "CTM", ("NFE", "FID"), ["1", "1.87"]), ("sct_table1_cifar10", ("CTM", "1"), ("FID (↓)",), ["5.19"]),
+      ("sct_table1_cifar10", ("CTM (+GAN +CRJ)", "2"), ("FID (↓)",), ["1.87"])]),
+    ("found here, not in the specs: the CT slide's 'Score SDE' 2.20 / IS 9.89 is the iCT slide's Score SDE (deep)",
+     [("cm_ct_cifar10", "Score SDE", ("FID", "IS"), ["2.20", "9.89"]), ("cm_ict_cifar10", "Score SDE", ("FID", "IS"), ["2.38", "9.83"]),
+      ("cm_ict_cifar10", "Score SDE (deep)", ("FID", "IS"), ["2.20", "9.89"])]),
+    ("found here, not in the specs: DDIM NFE 10 is 8.23 in the CD slide, 13.36 in the iCT slide and SCT Table 1",
+     [("cm_cd_cifar10", ("DDIM", "10"), ("FID",), ["8.23"]), ("cm_ict_cifar10", "DDIM", ("FID",), ["13.36"]),
+      ("sct_table1_cifar10", "DDIM", ("FID (↓)",), ["13.36"])]),
+    ("scm 8 note vs the CT slide: CIFAR-10 StyleGAN-XL 1.52 (sCM) vs 1.85 (slides)",
+     [("cm_ct_cifar10", "StyleGAN-XL", ("FID",), ["1.85"])]),
 ]
 
 
