@@ -4,7 +4,8 @@
 
 Tables come from results/reference/ (harness.reference). With --runs, the collector's DataFrame
 (harness.collect.load_runs) is matched to each table by dataset, metric, class conditioning, the row's
-method (registry name) and NFE; each cmbench cell is the lowest score over the matching records.
+method (registry name) and NFE; each cmbench cell is the lowest final-checkpoint score over the
+matching runs and their EMAs. Measured methods a table does not list get added rows 'cmbench: <method>'.
 """
 
 from __future__ import annotations
@@ -102,8 +103,8 @@ def measure(table: Table, df) -> Measured:
         else:
             out.cells.append([_best(rsub, row["method"], row.get("where"), n) for n in col_nfes])
     listed = {r["method"] for r in table["rows"] if "method" in r}
-    for method in sorted(set(sub["method"]) - listed):
-        nfes = sorted(int(n) for n in set(sub[sub["method"] == method]["nfe"]))
+    for method in sorted(set(sub["method"].dropna().astype(str)) - listed):
+        nfes = sorted(int(n) for n in set(sub[sub["method"] == method]["nfe"].dropna()))
         if nfe_col is not None:
             for n in nfes:
                 out.extra.append(({"method": f"cmbench: {method}", "nfe": str(n)}, [_best(sub, method, None, n)]))
