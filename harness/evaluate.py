@@ -91,6 +91,8 @@ def load_networks(run_dir: Path, cfg: DictConfig, data, device):
         net.load_state_dict(sd)
         nets[name] = net.float().to(device).eval().requires_grad_(False)
     method.attach(next(iter(nets.values())))
+    if hasattr(method, "attach_data"):
+        method.attach_data(data.x, data.y)
     method.load_state_dict(state.get("method", {}))
     return method, nets, ckpt, state
 

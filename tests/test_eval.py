@@ -200,28 +200,26 @@ def _fake_cifar(n_train=60, n_held=40):
     return Dataset(name="cifar10", x=x, y=None, heldout_x=h, heldout_y=None, num_classes=0, shape=(3, 8, 8))
 
 
-def _cleanfid_features(images, model, tmp_path, mode):
-    """Independent path: uint8 images saved as .npy files, read back by clean-fid's get_files_features."""
-    from cleanfid.fid import get_files_features
-    files = []
+def _png_folder(images, folder):
+    from PIL import Image
+    folder.mkdir()
     for i, img in enumerate(fid.to_uint8(images)):
-        files.append(tmp_path / f"{i:04d}.npy")
-        np.save(files[-1], img)
-    return get_files_features(files, model=model, num_workers=0, batch_size=16, device=torch.device("cpu"),
-                              mode=mode, verbose=False)
+        Image.fromarray(img).save(folder / f"{i:04d}.png")
+    return str(folder)
 
 
 @pytest.mark.parametrize("mode", ["clean", "legacy_tensorflow"])
 def test_fid_with_stand_in_extractor_matches_cleanfid(tmp_path, mode):
-    from cleanfid.fid import fid_from_feats
+    """Our in-memory path against clean-fid's own: PNG folders through compute_fid(custom_feat_extractor=...)."""
+    from cleanfid.fid import compute_fid
     data, model = _fake_cifar(), StandIn()
     cfg = ecfg(num_samples=30, fid_reference="train", fid_mode=mode, cache_dir=str(tmp_path / "cache"))
     metric = fid.FID(cfg, data, "cpu", DataConfig(name="cifar10"), extractor=model, extractor_name="stand-in")
     samples = _images(30, 2, shift=0.3)
     value = metric(samples)
-    (tmp_path / "g").mkdir(), (tmp_path / "r").mkdir()
-    expected = fid_from_feats(_cleanfid_features(samples, model, tmp_path / "g", mode),
-                              _cleanfid_features(data.x, model, tmp_path / "r", mode))
+    expected = compute_fid(_png_folder(samples, tmp_path / "g"), _png_folder(data.x, tmp_path / "r"), mode=mode,
+                           custom_feat_extractor=model, num_workers=0, batch_size=16, device=torch.device("cpu"),
+                           verbose=False)
     assert value == pytest.approx(expected, rel=1e-6)
     assert value > 3 * metric.floor > 0
     proto = metric.protocol()
