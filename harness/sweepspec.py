@@ -7,6 +7,8 @@
       model: [unet-xs, unet-s]
       budget_nimg: [64000, 128000]      # training images -> trainer.steps = round(nimg / batch_size)
       seed: [0]
+      # a grid value may be a bundle of overrides, labelled by its `...name` entry; its key is only a label:
+      # size: [{model: unet-xs, model.channels: 8, model.name: unet-c8}, {model: unet-xs}]
     stages:                             # run in dependency order; each runs at every point of its grid
       - name: edm
         grid: {budget_nimg: null}       # per-stage grid: null drops a key, a list replaces its values
@@ -101,7 +103,10 @@ class PlannedRun:
 
 
 def _fmt(value: Any) -> str:
-    """A grid value as a Hydra override value."""
+    """A grid value as a Hydra override value (a bundle: its label)."""
+    if isinstance(value, dict):
+        named = [v for k, v in value.items() if str(k).split(".")[-1] == "name"]
+        return _fmt(named[0]) if named else "_".join(_fmt(v) for v in value.values())
     if isinstance(value, bool):
         return str(value).lower()
     if value is None:
@@ -128,12 +133,29 @@ def _check_grid(where: str, grid: Any, allow_null: bool) -> dict:
             continue
         if not isinstance(values, list) or not values:
             raise SpecError(f"{where} key '{key}' needs a non-empty list of values, got {values!r}")
-        if key in BUDGET_KEYS and any(isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0
-                                      for v in values):
-            raise SpecError(f"{where} key '{key}' needs positive numbers, got {values!r}")
+        bundles = [v for v in values if isinstance(v, dict)]
+        if bundles and (len(bundles) != len(values) or key in BUDGET_KEYS or not all(bundles)):
+            raise SpecError(f"{where} key '{key}': a bundle grid needs every value to be a non-empty mapping of "
+                            f"config key -> value (and no budget key), got {values!r}")
+        if key in BUDGET_KEYS:
+            grid[key] = values = [_number(v) for v in values]
+            if any(v is None or v <= 0 for v in values):
+                raise SpecError(f"{where} key '{key}' needs positive numbers, got {grid[key]!r}")
     if all(k in grid and grid[k] is not None for k in BUDGET_KEYS):
         raise SpecError(f"{where} gives both budget_nimg and budget_flops; give one")
     return grid
+
+
+def _number(value: Any) -> float | int | None:
+    """A budget as a number (YAML reads 1.0e12 without a sign as a string); None if it is not one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def apply_cli(spec: dict, edits: list[str]) -> tuple[dict, list[str]]:
@@ -328,7 +350,8 @@ def _plan_run(sweep: Sweep, stage: Stage, point: dict, base: list, extra: list,
     from harness.config import compose
     sources = {key: _source_run(stage, next(s for s in sweep.stages if s.name == src), point, planned)
                for key, src in stage.sources.items()}
-    grid_overrides = [f"{k}={_fmt(v)}" for k, v in point.items() if k not in BUDGET_KEYS]
+    grid_overrides = [o for k, v in point.items() if k not in BUDGET_KEYS
+                      for o in ([f"{kk}={_fmt(vv)}" for kk, vv in v.items()] if isinstance(v, dict) else [f"{k}={_fmt(v)}"])]
     overrides = [*base, *grid_overrides, *stage.overrides, *extra,
                  *(f"{key}={run.run_dir}" for key, run in sources.items())]
     try:

@@ -72,10 +72,13 @@ def _worker(index: int, tasks, results, threads: int, parent_pid: int, log_dir: 
         _redirect_output(Path(log_dir) / f"{spec.run_id}.log")
         torch.set_num_threads(threads)          # a run with trainer.threads > 0 sets its own
         results.put(("running", index, spec.run_id, ""))
+        wall, cpu = time.time(), time.process_time()
         try:
             status = str(execute(spec).get("status", "failed: the run returned no status"))
         except BaseException as exc:            # noqa: BLE001 (a run's error must not kill the worker)
             status = f"failed: {type(exc).__name__}: {first_line(exc)}"
+        print(f"cmbench-local: run {spec.run_id} {status}: wall {time.time() - wall:.1f} s, "
+              f"cpu {time.process_time() - cpu:.1f} s ({threads} threads)", flush=True)
         results.put(("done", index, spec.run_id, status))
 
 
