@@ -257,6 +257,10 @@ def test_fid_reads_reference_npz_and_cleanfid_custom_stats(tmp_path, monkeypatch
     metric.prepare()
     assert metric.reference_kind == "file" and metric.reference_size is None
     np.testing.assert_array_equal(metric.ref_sigma, sigma)
+    np.savez(tmp_path / "wide.npz", mu=np.zeros(2048), sigma=np.eye(2048))   # Inception's size, not the stand-in's
+    wide = fid.FID(ecfg(num_samples=20, fid_reference=str(tmp_path / "wide.npz")), data, "cpu", extractor=StandIn())
+    with pytest.raises(MetricError, match="2048-d features"):
+        wide.prepare()
     import cleanfid
     monkeypatch.setattr(cleanfid, "__file__", str(tmp_path / "cleanfid" / "__init__.py"))
     (tmp_path / "cleanfid" / "stats").mkdir(parents=True)

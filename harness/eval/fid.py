@@ -167,8 +167,7 @@ class FID(Metric):
     def _reference_images(self) -> torch.Tensor:
         if self.reference_kind == "heldout":
             return self.data.heldout_x
-        xflip = bool(self.data_cfg is not None and self.data_cfg.xflip)
-        return self.data.x[: len(self.data.x) // 2] if xflip else self.data.x   # the real images only
+        return self.data.x[: len(self.data.x) // 2] if self.xflip else self.data.x   # the real images only
 
     def _floor_images(self) -> torch.Tensor:
         num = min(self.ecfg.num_samples, len(self.data.x))
@@ -176,7 +175,7 @@ class FID(Metric):
             self.floor_set = "held-out images vs the reference"
             return self.data.heldout_x[:num]
         self.floor_set = f"{num} training images (fixed subset, seed 0) vs the reference"
-        return training_subset(self.data, num, bool(self.data_cfg is not None and self.data_cfg.xflip))
+        return training_subset(self.data, num, self.xflip)
 
     def _cache_path(self, num: int) -> Path:
         from harness.eval.digits_fd import cache_root
@@ -208,6 +207,9 @@ class FID(Metric):
 
     def _fd(self, x: torch.Tensor) -> float:
         mu, sigma = stats(extract(self.model, x, self.mode, self.device))
+        if mu.shape != np.shape(self.ref_mu):
+            raise MetricError(f"reference statistics {self.reference_file} have {np.shape(self.ref_mu)[0]}-d features, "
+                              f"{self.extractor_name} gives {mu.shape[0]}-d: check eval.fid_reference")
         return frechet_from_stats(mu, sigma, self.ref_mu, self.ref_sigma)
 
     def __call__(self, x: torch.Tensor) -> float:

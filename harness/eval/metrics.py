@@ -88,6 +88,11 @@ class Metric:
     def _check(self) -> None:
         """Cheap checks (files, held-out set) at construction, so a run fails before it trains."""
 
+    @property
+    def xflip(self) -> bool:
+        """Whether data.x ends in mirrored copies (data.xflip), which floors and references leave out."""
+        return bool(getattr(self.data_cfg, "xflip", False))    # a DictConfig, a DataConfig or None
+
     def prepare(self) -> None:
         """One-time work (reference statistics, the floor); every later call is free."""
         if not self._prepared:
@@ -125,7 +130,7 @@ class FrechetMetric(Metric):
         self.reference_size = len(held)
         num = min(self.ecfg.num_samples, len(self.data.x))
         self.floor_size = num
-        self.floor = self._fd(training_subset(self.data, num))
+        self.floor = self._fd(training_subset(self.data, num, self.xflip))
 
     def _fd(self, x: torch.Tensor) -> float:
         mu, sigma = stats(self.features(x))
