@@ -367,3 +367,13 @@ def test_evaluate_cli_bad_run_dir(tmp_path, capsys):
     assert main([str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no checkpoint" in err
+
+
+def test_training_with_missing_inception_fails_before_any_step(tmp_path):
+    from harness.train import run
+    run_dir = tmp_path / "run"
+    result = run(compose(["data=digits", "model=unet-xs", "trainer.steps=2", "eval.metric=fid",
+                          f"eval.inception_path={tmp_path}", f"run_dir={run_dir}"]))
+    assert result["status"].startswith("failed: MetricError: FID needs clean-fid's Inception weights")
+    assert "eval.inception_path" in result["status"] and "\n" not in result["status"]
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()
