@@ -13,6 +13,7 @@ Options (the sweep spec's `launcher.slurm` section) are the fields of SlurmOptio
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field, fields, replace
@@ -104,6 +105,23 @@ def _executor_parameters(opts: SlurmOptions, name: str, after: Sequence[str]) ->
     return params
 
 
+_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextlib.contextmanager
+def _job_env():
+    """Hide this process's torch.distributed and SLURM job variables while submitting (sbatch exports
+    the environment: a job must not inherit a rendezvous, or an allocation when submitted from inside
+    one); SLURM_CONF stays, it names the cluster."""
+    hidden = {k: os.environ.pop(k) for k in list(os.environ)
+              if (k in _DIST_ENV or k.startswith(("SLURM_", "SLURMD_", "SRUN_", "SBATCH_", "SUBMITIT_")))
+              and k != "SLURM_CONF"}
+    try:
+        yield
+    finally:
+        os.environ.update(hidden)
+
+
 class SlurmLauncher:
     """Launcher protocol (launchers/base.py) on SLURM through submitit."""
 
@@ -157,7 +175,8 @@ class SlurmLauncher:
         executor.update_parameters(**_executor_parameters(opts, f"cmbench-{stage.name}", after))
         signatures = {r.run_id: signature(r.run_dir) for r in todo}
         world = opts.nodes * opts.tasks_per_node
-        jobs = executor.submit_array([RunTask(chunk, world) for chunk in chunks])   # one sbatch: an array
+        with _job_env():
+            jobs = executor.submit_array([RunTask(chunk, world) for chunk in chunks])   # one sbatch: an array
         for job, chunk in zip(jobs, chunks):
             tracker.add(SubmittedTask(stage.name, job, chunk), signatures)
 

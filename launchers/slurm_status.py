@@ -47,20 +47,18 @@ def scancel(job_ids: Sequence[str]) -> None:
         subprocess.run(["scancel", *job_ids], capture_output=True, check=False)
 
 
-def _sacct_states(job_ids: Sequence[str]) -> dict[str, str]:
-    """job id -> SLURM state, in one sacct call (the latest record of each)."""
+def _queued_states(job_ids: Sequence[str]) -> dict[str, str]:
+    """job id -> state of the jobs SLURM still holds (pending, running, ...), from squeue (one call;
+    squeue answers from slurmctld at once, where accounting may lag a just-submitted job)."""
     if not job_ids:
         return {}
-    cmd = ["sacct", "-n", "-X", "-P", "-o", "JobID,State"] + [a for j in job_ids for a in ("-j", j)]
+    base = sorted({j.split("_")[0] for j in job_ids})
+    cmd = ["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(base)]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError):
         return {}
-    states = {}
-    for line in out.splitlines():
-        job_id, _, state = line.partition("|")
-        states[job_id] = state.split()[0] if state else "UNKNOWN"
-    return states
+    return dict(line.split("|", 1) for line in out.splitlines() if "|" in line)
 
 
 def _trace_last_line(text: str) -> str:
@@ -105,14 +103,14 @@ class StatusTracker:
             return {}
 
     def attach(self, stages: Sequence[StageSpec]) -> set[str]:
-        """Track runs still queued or running from an earlier submission (one sacct call); their ids."""
+        """Track runs still queued or running from an earlier submission; their ids."""
         from submitit.slurm.slurm import SlurmJob
         known = {r.run_id: r for s in stages for r in s.runs
                  if self._manifest.get(r.run_id, {}).get("run_dir") == r.run_dir}
-        states = _sacct_states(sorted({self._manifest[k]["job_id"] for k in known}))
+        states = _queued_states(sorted({self._manifest[k]["job_id"] for k in known}))
         by_job: dict[str, list[RunSpec]] = {}
         for run_id, run in known.items():
-            if states.get(self._manifest[run_id]["job_id"], "UNKNOWN") in ACTIVE - {"UNKNOWN"}:
+            if states.get(self._manifest[run_id]["job_id"], "") in ACTIVE:
                 by_job.setdefault(self._manifest[run_id]["job_id"], []).append(run)
         for job_id, runs in by_job.items():
             entry = self._manifest[runs[0].run_id]

@@ -1,0 +1,212 @@
+"""The SLURM launcher: option checks and status parsing (always), and against a real cluster (marked
+`slurm`): stages as job arrays chained by afterok, results identical to running the same runs in this
+process, failures reported with their error, a timeout-interrupted job requeued and resumed to the
+same final weights. Start the cluster with `bash scripts/slurm_cluster.sh start` and export the
+SLURM_CONF it prints; without it these tests skip, or fail under REQUIRE_SLURM=1 (.ci/run)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from launchers.base import RunSpec, StageSpec, execute
+from launchers.slurm import SlurmLauncher, SlurmOptionError, _executor_parameters, parse_options
+from launchers.slurm_status import _trace_last_line, is_end
+
+TINY = ["data=digits", "model=unet-xs", "trainer.batch_size=32", "trainer.threads=1",
+        "trainer.log_every_steps=10", "eval.num_samples=64", "eval.steps=[1]"]
+
+
+def _cluster_problem() -> str:
+    """'' when a SLURM cluster with accounting takes jobs here, else why not."""
+    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
+        return "no SLURM client on PATH"
+    try:
+        info = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=20)
+        acct = subprocess.run(["sacct", "-n", "-X", "-S", "now"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"sinfo/sacct did not answer ({exc})"
+    if info.returncode != 0:
+        return f"sinfo failed: {(info.stderr.strip().splitlines() or ['?'])[0]}"
+    if not any(s.strip().rstrip("*") in ("idle", "mix", "alloc") for s in info.stdout.split()):
+        return f"no node takes jobs (sinfo states: {info.stdout.split()})"
+    if acct.returncode != 0:
+        return f"no accounting (sacct failed: {(acct.stderr.strip().splitlines() or ['?'])[0]})"
+    return ""
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    problem = _cluster_problem()
+    if problem:
+        hint = "start it: bash scripts/slurm_cluster.sh start, then export the SLURM_CONF it prints"
+        if os.environ.get("REQUIRE_SLURM") == "1":
+            pytest.fail(f"REQUIRE_SLURM=1 but the SLURM cluster is not usable: {problem}")
+        pytest.skip(f"no SLURM cluster: {problem} ({hint})")
+
+
+def _spec(run_id: str, root: Path, *overrides: str) -> RunSpec:
+    run_dir = str(root / run_id)
+    return RunSpec(run_id, run_dir, tuple([*TINY, *overrides, f"run_dir={run_dir}"]))
+
+
+def _wait(tracker, limit_s: float = 400, poll_s: float = 2.0) -> dict[str, str]:
+    deadline = time.time() + limit_s
+    while time.time() < deadline:
+        statuses = tracker.poll()
+        if all(is_end(s) for s in statuses.values()):
+            return statuses
+        time.sleep(poll_s)
+    raise AssertionError(f"runs did not end within {limit_s} s: {tracker.poll()}")
+
+
+def _sacct(job_id: str, *fields: str, duplicates: bool = False) -> list[dict[str, str]]:
+    cmd = ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", ",".join(fields)] + (["-D"] if duplicates else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return [dict(zip(fields, line.split("|"))) for line in out.splitlines() if line]
+
+
+def _weights(run_dir: str) -> dict[str, torch.Tensor]:
+    """Final model and EMA weights of a run (its newest checkpoint)."""
+    ckpt = sorted((Path(run_dir) / "checkpoints").glob("step-*"))[-1]
+    engine = torch.load(next(ckpt.rglob("mp_rank_00_model_states.pt")), map_location="cpu", weights_only=False)
+    harness = torch.load(ckpt / "harness.pt", map_location="cpu", weights_only=False)
+    out = {f"net.{k}": v for k, v in engine["module"].items()}
+    for name, ema in harness["emas"].items():
+        out.update({f"{name}.{k}": v for k, v in ema.items()})
+    return out
+
+
+def _assert_same_weights(a: str, b: str) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys() and len(wa) > 4
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), f"{key} differs between {a} and {b}"
+
+
+def _values(result: dict) -> list[tuple]:
+    return [(s["ema"], s["steps"], s["metric"], s["value"]) for s in result["scores"]]
+
+
+# -- without a cluster ----------------------------------------------------------------------------
+
+def test_options_are_checked():
+    assert parse_options({}).runs_per_task == 1
+    for bad, words in [({"time": 5}, "unknown launcher.slurm option(s) ['time']"),
+                       ({"nodes": 0}, "nodes=0 must be >= 1"), ({"mem_gb": -1}, "mem_gb=-1 must be >= 0"),
+                       ({"gpus_per_node": "2"}, "must be of type int"), ({"setup": [3]}, "setup=[3]"),
+                       ({"stages": {"teacher": {"gpus": 1}}}, "stages.teacher must map option names")]:
+        with pytest.raises(SlurmOptionError, match=re.escape(words)):
+            parse_options(bad)
+    with pytest.raises(SlurmOptionError, match="unknown stage"):
+        SlurmLauncher(stages={"nope": {"time_min": 5}}).submit([StageSpec("teacher", ())])
+
+
+def test_executor_parameters():
+    opts = parse_options({"partition": "gpu", "account": "lab", "qos": "high", "time_min": 30,
+                          "gpus_per_node": 4, "tasks_per_node": 4, "nodes": 2, "cpus_per_task": 8,
+                          "mem_gb": 64, "sbatch": {"constraint": "a100"}})
+    p = _executor_parameters(opts, "cmbench-ect", ["12", "15"])
+    assert p["slurm_additional_parameters"] == {"kill_on_invalid_dep": "yes", "constraint": "a100",
+                                                "dependency": "afterok:12:15"}
+    assert (p["timeout_min"], p["gpus_per_node"], p["tasks_per_node"], p["nodes"], p["cpus_per_task"],
+            p["mem_gb"]) == (30, 4, 4, 2, 8, 64.0)
+    assert (p["slurm_partition"], p["slurm_account"], p["slurm_qos"]) == ("gpu", "lab", "high")
+    p = _executor_parameters(parse_options({}), "x", [])
+    assert "dependency" not in p["slurm_additional_parameters"] and "gpus_per_node" not in p
+
+
+def test_error_line_from_submitit_trace():
+    text = ("Job (task=0) failed during processing with trace:\n----------------------\nTraceback (most "
+            "recent call last):\n  File \"x.py\", line 1\nlaunchers.slurm_job.RunsFailed: 1 of 1 run(s) did "
+            "not complete: a: failed: X\n----------------------\nYou can check full logs with ...")
+    assert _trace_last_line(text) == "launchers.slurm_job.RunsFailed: 1 of 1 run(s) did not complete: a: failed: X"
+
+
+# -- on the cluster -------------------------------------------------------------------------------
+
+@pytest.mark.slurm
+def test_stages_match_local_failures_reported_dependencies_hold(cluster, tmp_path):
+    slurm, local = tmp_path / "slurm", tmp_path / "local"
+    teacher = ["method=edm", "trainer.steps=30", "trainer.lr=3e-3"]
+    student = ["method=ect", "trainer.steps=30", "trainer.lr=1e-3"]
+    t = _spec("teacher", slurm, *teacher)
+    s = _spec("student", slurm, *student, f"init_from={slurm / 'teacher'}")
+    missing = _spec("missing", slurm, *student, f"init_from={slurm / 'nothere'}")      # raises in the run
+    bad_key = _spec("badkey", slurm, *student, "trainer.no_such_key=1")              # raises in compose
+    after = _spec("after", slurm, "method=edm", "trainer.steps=10")
+    stages = [StageSpec("teacher", (t,)), StageSpec("student", (s, missing, bad_key), after=("teacher",)),
+              StageSpec("downstream", (after,), after=("student",))]
+    launcher = SlurmLauncher(poll_sec=2)
+    tracker = launcher.submit(stages)
+    assert launcher.submit(stages).tasks[0].job.job_id == tracker.tasks[0].job.job_id   # re-attached
+    jobs = json.loads((slurm / "_slurm" / "jobs.json").read_text())
+    assert len({jobs[r]["job_id"].split("_")[0] for r in ("student", "missing", "badkey")}) == 1  # one array
+
+    # meanwhile, the same two runs in this process
+    t_local = execute(_spec("teacher", local, *teacher))
+    s_local = execute(_spec("student", local, *student, f"init_from={local / 'teacher'}"))
+    assert t_local["status"] == s_local["status"] == "completed"
+
+    statuses = _wait(tracker)
+    assert statuses["teacher"] == statuses["student"] == "completed"
+    assert statuses["missing"].startswith("failed: ValueError:") and "nothere" in statuses["missing"]
+    assert statuses["badkey"].startswith("failed: ConfigError:") and "no_such_key" in statuses["badkey"]
+    assert statuses["after"] == "failed: not run: stage 'student' it depends on did not complete"
+    assert json.loads(Path(bad_key.run_dir, "result.json").read_text())["status"] == statuses["badkey"]
+
+    for run, ref in ((t, t_local), (s, s_local)):
+        result = json.loads(Path(run.run_dir, "result.json").read_text())
+        assert _values(result) == _values(ref) and result["steps"] == ref["steps"] == 30
+        _assert_same_weights(run.run_dir, ref["run_dir"])
+
+    # accounting: the student's array started only after the teacher's job ended; failures are FAILED
+    t_job = _sacct(jobs["teacher"]["job_id"], "End", "State")[0]
+    s_job = _sacct(jobs["student"]["job_id"], "Start", "State")[0]
+    assert t_job["State"] == "COMPLETED" and s_job["Start"] >= t_job["End"]
+    assert Path(s.run_dir, "config.yaml").stat().st_mtime >= Path(t.run_dir, "result.json").stat().st_mtime
+    assert _sacct(jobs["missing"]["job_id"], "State")[0]["State"] == "FAILED"
+    states = [r["State"].split()[0] for r in _sacct(jobs["after"]["job_id"], "State")]
+    assert states in (["CANCELLED"], ["PENDING"]), states
+
+
+@pytest.mark.slurm
+def test_timeout_requeues_and_resumes_to_the_same_weights(cluster, tmp_path):
+    overrides = ["method=ect", "trainer.steps=120", "trainer.lr=1e-3", "trainer.checkpoint_every_steps=20",
+                 "eval.at_end=false"]
+    run = _spec("requeued", tmp_path / "slurm", *overrides)
+    tracker = SlurmLauncher(poll_sec=1, max_requeue=2, time_min=10).submit([StageSpec("s", (run,))])
+    job = tracker.tasks[0].job
+    deadline = time.time() + 240
+    while not list(Path(run.run_dir).glob("checkpoints/step-*")):
+        assert time.time() < deadline and not is_end(tracker.poll()["requeued"]), "no checkpoint was written"
+        time.sleep(0.5)
+    job._interrupt(timeout=True)     # submitit's own helper: the signal SLURM sends before a time limit
+    # SLURM holds a requeued job ~2 min before it may start (BeginTime); let it start now instead
+    while not _sacct(str(job.job_id), "State") or _sacct(str(job.job_id), "State")[0]["State"] != "PENDING":
+        assert time.time() < deadline, "the job was not requeued"
+        time.sleep(0.5)
+    subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], check=True)
+
+    reference = execute(_spec("reference", tmp_path / "local", *overrides))     # uninterrupted, here
+    assert _wait(tracker)["requeued"] == "completed" and reference["status"] == "completed"
+    assert job.result() == {"requeued": "completed"}           # the requeued task's own return value
+    records = _sacct(str(job.job_id), "State", duplicates=True)
+    while records[-1]["State"] in ("RUNNING", "COMPLETING") and time.time() < deadline + 60:
+        time.sleep(0.5)                                          # the job exits after its result is written
+        records = _sacct(str(job.job_id), "State", duplicates=True)
+    assert [r["State"] for r in records] == ["REQUEUED", "COMPLETED"]
+    log = job.stderr() or ""
+    resumed = [int(line.rsplit(" ", 1)[1]) for line in log.splitlines() if "resumed from step" in line]
+    assert len(resumed) == 1 and 20 <= resumed[0] < 120 and resumed[0] % 20 == 0
+    steps = [json.loads(line)["step"] for line in Path(run.run_dir, "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == sorted(set(steps)) and steps[-1] == 120          # one straight run after truncation
+    _assert_same_weights(run.run_dir, reference["run_dir"])
