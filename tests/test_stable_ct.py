@@ -217,3 +217,17 @@ def test_presets_compose():
         assert (c.method.q, c.method.stages, c.method.weighting) == (q, stages, "inv_dt_delta")
     with pytest.raises(ConfigError, match="unknown method.reference 'x'"):
         compose(["method=stable_ct", "method.reference=x"])
+
+
+def test_cifar10_recipe_is_sct_table_1_setup(tmp_path):
+    from harness.config import compose
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / name).touch()
+    cfg = compose(["recipe=stable-ct-cifar10", f"data.path={folder}"])
+    # SCT Table 1 note (128 x 200k), ECT Table 7 otherwise
+    assert (cfg.model.name, cfg.model.dropout) == ("ddpmpp-cifar10", 0.2)
+    assert (cfg.trainer.optimizer, cfg.trainer.lr, cfg.trainer.batch_size, cfg.trainer.steps) == ("radam", 1e-4, 128, 200000)
+    m = cfg.method
+    assert (m.name, m.reference, m.weighting, m.huber_c, m.q, m.stages) == ("stable_ct", "batch", "inv_dt_delta", 0.0, 2.0, 8)
