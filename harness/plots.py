@@ -20,6 +20,7 @@ _METADATA = {"png": {"Software": "cmbench"},
              "pdf": {"Creator": "cmbench", "Producer": "cmbench", "CreationDate": None}}
 _RC = {"svg.hashsalt": "cmbench", "pdf.fonttype": 42, "font.family": "DejaVu Sans", "font.size": 9}
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
+_RASTER_ABOVE = 1000     # scatter points per panel past which they are drawn as an image inside the PDF
 _X_LABELS = {"flops": "training FLOPs (counted)", "nimg": "training images", "num_params": "parameters"}
 
 
@@ -74,7 +75,7 @@ def plot_scaling(points: pd.DataFrame, laws: dict[tuple, PowerLaw], *, x: str, h
             sub = points[points["nfe"] == nfe].assign(**{held: lambda d: d[held].map(_label)})
             sns.scatterplot(data=sub, x=x, y="value", hue="method", style=held, palette=palette,
                             markers=markers, hue_order=list(palette), style_order=list(markers), ax=ax,
-                            legend=nfe == min(axes))
+                            legend=nfe == min(axes), rasterized=len(sub) > _RASTER_ABOVE)
             for key, law in sorted(laws.items(), key=lambda kv: str(kv[0])):
                 if key[3] != nfe or key[1] != metric or str(key[2]) not in palette:
                     continue
@@ -105,7 +106,7 @@ def plot_steps(points: pd.DataFrame, *, metric: str, stem: Path, title: str) -> 
         palette = _palette(wide)
         fig, ax = plt.subplots(figsize=(4.0, 3.6), layout="constrained")
         sns.scatterplot(data=wide, x="one", y="two", hue="method", palette=palette, hue_order=list(palette),
-                        ax=ax)
+                        ax=ax, rasterized=len(wide) > _RASTER_ABOVE)
         lo = float(min(wide["one"].min(), wide["two"].min())) * 0.9
         hi = float(max(wide["one"].max(), wide["two"].max())) * 1.1
         ax.plot([lo, hi], [lo, hi], color="0.6", lw=0.8, ls="--", label="2-step = 1-step")

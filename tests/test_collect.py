@@ -186,3 +186,59 @@ def test_module_entry_point(tmp_path):
 def test_flatten():
     assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": None, "e": {}}) == \
         {"cfg.a.b": 1, "cfg.a.c": "[1, 2]", "cfg.d": None, "cfg.e": "{}"}
+
+
+@pytest.mark.parametrize("overrides", [["method=ect", "model=unet-xs"], ["method=edm", "model=dit-xs"],
+                                       ["method=sct", "model=unet-s", "model.logvar=true"],
+                                       ["method=ct", "model=mlp-xs", "data=moons"]])
+def test_yaml_subset_reads_real_configs_exactly(overrides, tmp_path):
+    import yaml
+    from omegaconf import OmegaConf
+
+    from harness import yaml_subset
+    from harness.config import compose
+    text = OmegaConf.to_yaml(compose([*overrides, f"run_dir={tmp_path}"]), resolve=True)
+    fast = yaml_subset.load(text)
+    assert fast is not None                                        # the fast path, not the fallback
+    assert fast == yaml.safe_load(text)
+
+
+@pytest.mark.parametrize("tree, fast", [
+    ({"a": {"b": [1, "x", None, True], "c": {}}, "d": [], "e": "yes", "f": "1.5", "g": "", "h": "it's",
+      "i": "x: y", "j": 1e-8, "k": float("inf"), "l": "2026-01-01", "m": "-x", "n": "~", "o": "/a b"}, True),
+    ({"a": [{"x": 1}]}, False), ({"b": [[1, 2]]}, False), ({"c": "long " * 30}, False),
+    ({"d": "multi\nline"}, False)])
+def test_yaml_subset_agrees_or_falls_back(tree, fast):
+    import yaml
+    from omegaconf import OmegaConf
+
+    from harness import yaml_subset
+    text = OmegaConf.to_yaml(OmegaConf.create(tree))
+    got = yaml_subset.load(text)
+    assert (got is not None) == fast
+    if fast:
+        assert got == yaml.safe_load(text)
+    assert yaml_subset.load("a: 1\n  b: 2\n") is None and yaml_subset.load("") is None
+
+
+@pytest.mark.slow
+def test_collects_a_real_training_run(compose_run, tmp_path):
+    """A real (tiny) run directory: the collector's rows are its result.json."""
+    import json
+
+    from harness.train import run
+    cfg = compose_run("method=ect", "trainer.steps=4", "eval.at_end=true", "eval.num_samples=50",
+                      "eval.grid=false", run_dir="runs/ect-real")
+    result = run(cfg)
+    assert result["status"] == "completed"
+    df, problems = load_runs(tmp_path / "runs")
+    assert problems == []
+    disk = json.loads((tmp_path / "runs" / "ect-real" / "result.json").read_text())
+    assert len(df) == len(disk["scores"]) > 0
+    for rec in disk["scores"]:
+        row = df[(df.ema == rec["ema"]) & (df.steps == rec["steps"]) & (df.metric == rec["metric"])].iloc[0]
+        assert row["value"] == rec["value"] and row["nfe"] == rec["nfe"]
+    row = df.iloc[0]
+    assert (row["method"], row["model"], row["data"]) == ("ect", "unet-xs", "digits")
+    assert row["flops"] == disk["flops_train"] > 0 and row["nimg"] == 4 * 32 == disk["nimg"]
+    assert row["num_params"] == disk["num_params"] and row["cfg.trainer.steps"] == 4
