@@ -28,7 +28,7 @@ class StableCTConfig(ECTConfig):
     name: str = "stable_ct"
     weighting: str = "inv_dt_delta"  # wbar = 1/(t - r + delta) [SCT §3.3]
     delta: float = 1e-3              # delta > 0 is not given [spec B6]; harness choice: caps wbar at 1000
-    reference: str = "batch"         # reference set: batch (SCT §4.2, the default) | bank (whole training set, SCT Fig. 3)
+    reference: str = "batch"         # batch (SCT §4.2 default) | bank: the whole training set [SCT Fig. 3]
     same_class: bool = True          # labelled data: reference only same-class samples [SCT §3.2; spec B4]
     bank_chunk: int = 4096           # bank rows per matmul, streamed with an online log-sum-exp (result unchanged)
     bank_on_device: bool = True      # copy the bank to the batch's device once; false: stream it from host each step

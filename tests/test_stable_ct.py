@@ -166,7 +166,8 @@ def test_bank_mode_through_the_method_equals_batch_mode():
     # a larger bank than the batch: more references per sample
     big = StableCT(StableCTConfig(**base, reference="bank", bank_chunk=7), (1, 8, 8), 0)
     big.attach_data(torch.cat([x0, _batch(40, seed=9)]), None)
-    assert big.loss(_ctx(net, 3, 400), {"x": x0, "y": None})["stable_ct/ess_samples"] > batch_out["stable_ct/ess_samples"]
+    more = big.loss(_ctx(net, 3, 400), {"x": x0, "y": None})["stable_ct/ess_samples"]
+    assert more > batch_out["stable_ct/ess_samples"]
 
 
 def test_finite_loss_nonzero_grads_sample_and_state():
@@ -228,6 +229,23 @@ def test_cifar10_recipe_is_sct_table_1_setup(tmp_path):
     cfg = compose(["recipe=stable-ct-cifar10", f"data.path={folder}"])
     # SCT Table 1 note (128 x 200k), ECT Table 7 otherwise
     assert (cfg.model.name, cfg.model.dropout) == ("ddpmpp-cifar10", 0.2)
-    assert (cfg.trainer.optimizer, cfg.trainer.lr, cfg.trainer.batch_size, cfg.trainer.steps) == ("radam", 1e-4, 128, 200000)
+    t = cfg.trainer
+    assert (t.optimizer, t.lr, t.batch_size, t.steps) == ("radam", 1e-4, 128, 200000)
     m = cfg.method
-    assert (m.name, m.reference, m.weighting, m.huber_c, m.q, m.stages) == ("stable_ct", "batch", "inv_dt_delta", 0.0, 2.0, 8)
+    assert (m.name, m.reference, m.weighting, m.huber_c, m.q, m.stages) == \
+        ("stable_ct", "batch", "inv_dt_delta", 0.0, 2.0, 8)
+
+
+def test_trainer_hands_the_training_set_to_the_bank(compose_run, tmp_path):
+    """Through the real trainer: reference=bank on class-conditional digits gets the training set (the
+    trainer's attach_data hook) and every sample's weights spread over same-class bank images."""
+    import json
+
+    from harness.train import run
+    cfg = compose_run("method=stable_ct", "method.reference=bank", "method.bank_chunk=500",
+                      "data.class_conditional=true", "method.p_mean=1.0", "method.p_std=0.1",
+                      "trainer.steps=3", "trainer.log_every_steps=1")
+    assert run(cfg)["status"] == "completed"
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    ess = [r["stable_ct/ess_samples"] for r in rows if "loss" in r]
+    assert len(ess) == 3 and min(ess) > 1.5         # t ~ e: several same-class digits share the weight
