@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -35,12 +36,12 @@ class SlurmOptions:
     partition: str = ""            # SLURM partition ("" = the cluster's default)
     account: str = ""              # account charged ("" = the user's default)
     qos: str = ""                  # quality of service ("" = default)
-    time_min: int = 60             # wall-clock limit of one array task, minutes (a requeued task gets it anew)
+    time: int = 60                 # wall-clock limit of one array task, minutes (a requeued task gets it anew)
     nodes: int = 1                 # nodes per run
     tasks_per_node: int = 1        # ranks per node (one per GPU for multi-GPU runs)
     gpus_per_node: int = 0         # GPUs per node (0 = none requested)
     cpus_per_task: int = 1         # CPUs per rank (also torch's threads)
-    mem_gb: float = 0.0            # memory per node, GB (0 = the partition's default)
+    mem: str = ""                  # memory per node, sbatch's form (4G, 500M); a number is GB ("" = default)
     runs_per_task: int = 1         # runs packed into one array task, run one after another
     max_requeue: int = 3           # requeues on timeout / preemption before the task gives up
     array_parallelism: int = 256   # tasks of one stage's array running at once
@@ -50,14 +51,15 @@ class SlurmOptions:
     folder: str = ""               # sweep directory: submitit's files go to <folder>/_slurm ("" = above the runs)
     setup: tuple[str, ...] = ()    # shell lines run before each task (module load ..., source venv)
     sbatch: dict = field(default_factory=dict)    # any other sbatch option, e.g. {constraint: a100}
-    stages: dict = field(default_factory=dict)    # per-stage overrides of these keys, {teacher: {time_min: 240}}
+    stages: dict = field(default_factory=dict)    # per-stage overrides of these keys, {teacher: {time: 240}}
 
 
-_POSITIVE = ("time_min", "nodes", "tasks_per_node", "cpus_per_task", "runs_per_task", "array_parallelism")
-_NON_NEGATIVE = ("gpus_per_node", "mem_gb", "max_requeue", "signal_delay_s", "poll_sec")
+_POSITIVE = ("time", "nodes", "tasks_per_node", "cpus_per_task", "runs_per_task", "array_parallelism")
+_NON_NEGATIVE = ("gpus_per_node", "max_requeue", "signal_delay_s", "poll_sec")
 _PER_STAGE = tuple(f.name for f in fields(SlurmOptions) if f.name not in ("stages", "folder", "poll_sec"))
 
 
+_MEM = re.compile(r"^(\d+(\.\d+)?[KMGT]?B?)?$")
 _TYPES = {"str": (str,), "int": (int,), "float": (int, float), "dict": (dict,),
           "tuple[str, ...]": (list, tuple)}
 
@@ -72,11 +74,18 @@ def parse_options(options: dict[str, Any], where: str = "launcher.slurm") -> Slu
         if f.name not in options:
             continue
         value, types = options[f.name], _TYPES[str(f.type)]
+        if f.name == "mem":
+            continue                                        # checked below
         if isinstance(value, bool) or not isinstance(value, types) or (
                 f.name == "setup" and not all(isinstance(line, str) for line in value)):
             raise SlurmOptionError(f"{where}.{f.name}={value!r} must be of type {f.type}")
         if (f.name in _POSITIVE and value < 1) or (f.name in _NON_NEGATIVE and value < 0):
             raise SlurmOptionError(f"{where}.{f.name}={value} must be {'>= 1' if f.name in _POSITIVE else '>= 0'}")
+    mem = options.get("mem", "")
+    if isinstance(mem, (int, float)) and not isinstance(mem, bool) and mem > 0:
+        options = {**options, "mem": f"{int(round(mem * 1024))}M"}       # a bare number: GB
+    elif not (isinstance(mem, str) and _MEM.match(mem)):
+        raise SlurmOptionError(f"{where}.mem={mem!r} must be sbatch's form (4G, 500M, 1T) or a number of GB")
     for stage, extra in (options.get("stages") or {}).items():
         if not isinstance(extra, dict) or set(extra) - set(_PER_STAGE):
             raise SlurmOptionError(f"{where}.stages.{stage} must map option names to values; valid: "
@@ -90,13 +99,13 @@ def _executor_parameters(opts: SlurmOptions, name: str, after: Sequence[str]) ->
     if after:
         extra["dependency"] = "afterok:" + ":".join(after)
     params: dict[str, Any] = dict(
-        name=name, timeout_min=opts.time_min, nodes=opts.nodes, tasks_per_node=opts.tasks_per_node,
+        name=name, timeout_min=opts.time, nodes=opts.nodes, tasks_per_node=opts.tasks_per_node,
         cpus_per_task=opts.cpus_per_task, slurm_array_parallelism=opts.array_parallelism,
         slurm_signal_delay_s=opts.signal_delay_s, slurm_additional_parameters=extra)
     if opts.gpus_per_node:
         params["gpus_per_node"] = opts.gpus_per_node
-    if opts.mem_gb:
-        params["mem_gb"] = float(opts.mem_gb)
+    if opts.mem:
+        params["slurm_mem"] = opts.mem
     for key in ("partition", "account", "qos"):
         if getattr(opts, key):
             params[f"slurm_{key}"] = getattr(opts, key)
@@ -176,7 +185,8 @@ class SlurmLauncher:
         signatures = {r.run_id: signature(r.run_dir) for r in todo}
         world = opts.nodes * opts.tasks_per_node
         with _job_env():
-            jobs = executor.submit_array([RunTask(chunk, world) for chunk in chunks])   # one sbatch: an array
+            tasks = [RunTask(chunk, world, str(root.parent / "logs")) for chunk in chunks]
+            jobs = executor.submit_array(tasks)                 # one sbatch: the stage's job array
         for job, chunk in zip(jobs, chunks):
             tracker.add(SubmittedTask(stage.name, job, chunk), signatures)
 

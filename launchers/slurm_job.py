@@ -40,15 +40,27 @@ def _record_failure(spec: RunSpec, status: str, trace: str) -> None:
     run_dir.write_json("result.json", {"status": status, "run_dir": spec.run_dir, "traceback": trace})
 
 
-def run_one(spec: RunSpec) -> str:
-    """Train (or resume, or return) one run; its end status. Only a signal's SystemExit escapes."""
+def run_one(spec: RunSpec, log_dir: str = "") -> str:
+    """Train (or resume, or return) one run; its end status. Only a signal's SystemExit escapes.
+    Rank 0 also logs the run to `<log_dir>/<run_id>.log` (the task's own log holds every run)."""
     from harness.rundir import first_line
+    handler = None
+    if log_dir and int(os.environ.get("RANK", "0")) == 0:
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(Path(log_dir) / f"{spec.run_id}.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(handler)
     try:
         return str(execute(spec).get("status", "failed: the run returned no status"))
     except Exception as exc:   # noqa: BLE001 (one run's error must not stop the task's other runs)
         status = f"failed: {type(exc).__name__}: {first_line(exc)}"
+        logging.getLogger(__name__).error("%s %s", spec.run_id, status, exc_info=True)
         _record_failure(spec, status, traceback.format_exc())
         return status
+    finally:
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
 
 
 def _set_threads() -> None:
@@ -62,9 +74,10 @@ def _set_threads() -> None:
 class RunTask(submitit.helpers.Checkpointable):
     """The runs of one array task; `world_size` ranks each (nodes x tasks per node)."""
 
-    def __init__(self, runs: tuple[RunSpec, ...], world_size: int = 1):
+    def __init__(self, runs: tuple[RunSpec, ...], world_size: int = 1, log_dir: str = ""):
         self.runs = tuple(runs)
         self.world_size = world_size
+        self.log_dir = log_dir
 
     def __call__(self) -> dict[str, str]:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -74,7 +87,7 @@ class RunTask(submitit.helpers.Checkpointable):
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
                                                                    overwrite=True)
         _set_threads()
-        statuses = {spec.run_id: run_one(spec) for spec in self.runs}
+        statuses = {spec.run_id: run_one(spec, self.log_dir) for spec in self.runs}
         failed = {k: v for k, v in statuses.items() if v != "completed"}
         if failed:
             raise RunsFailed(f"{len(failed)} of {len(statuses)} run(s) did not complete: "
@@ -85,4 +98,4 @@ class RunTask(submitit.helpers.Checkpointable):
         """Requeue the same runs: each resumes from its run directory's newest checkpoint."""
         logging.getLogger(__name__).info("requeueing %d run(s); each resumes from its last checkpoint",
                                          len(self.runs))
-        return submitit.helpers.DelayedSubmission(RunTask(self.runs, self.world_size))
+        return submitit.helpers.DelayedSubmission(RunTask(self.runs, self.world_size, self.log_dir))

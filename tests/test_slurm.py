@@ -99,25 +99,26 @@ def _values(result: dict) -> list[tuple]:
 
 def test_options_are_checked():
     assert parse_options({}).runs_per_task == 1
-    for bad, words in [({"time": 5}, "unknown launcher.slurm option(s) ['time']"),
-                       ({"nodes": 0}, "nodes=0 must be >= 1"), ({"mem_gb": -1}, "mem_gb=-1 must be >= 0"),
+    for bad, words in [({"time_min": 5}, "unknown launcher.slurm option(s) ['time_min']"),
+                       ({"nodes": 0}, "nodes=0 must be >= 1"), ({"mem": "4 GB"}, "mem='4 GB' must be sbatch's form"),
                        ({"gpus_per_node": "2"}, "must be of type int"), ({"setup": [3]}, "setup=[3]"),
                        ({"stages": {"teacher": {"gpus": 1}}}, "stages.teacher must map option names")]:
         with pytest.raises(SlurmOptionError, match=re.escape(words)):
             parse_options(bad)
     with pytest.raises(SlurmOptionError, match="unknown stage"):
-        SlurmLauncher(stages={"nope": {"time_min": 5}}).submit([StageSpec("teacher", ())])
+        SlurmLauncher(stages={"nope": {"time": 5}}).submit([StageSpec("teacher", ())])
 
 
 def test_executor_parameters():
-    opts = parse_options({"partition": "gpu", "account": "lab", "qos": "high", "time_min": 30,
+    opts = parse_options({"partition": "gpu", "account": "lab", "qos": "high", "time": 30,
                           "gpus_per_node": 4, "tasks_per_node": 4, "nodes": 2, "cpus_per_task": 8,
-                          "mem_gb": 64, "sbatch": {"constraint": "a100"}})
+                          "mem": 64, "sbatch": {"constraint": "a100"}})
     p = _executor_parameters(opts, "cmbench-ect", ["12", "15"])
     assert p["slurm_additional_parameters"] == {"kill_on_invalid_dep": "yes", "constraint": "a100",
                                                 "dependency": "afterok:12:15"}
     assert (p["timeout_min"], p["gpus_per_node"], p["tasks_per_node"], p["nodes"], p["cpus_per_task"],
-            p["mem_gb"]) == (30, 4, 4, 2, 8, 64.0)
+            p["slurm_mem"]) == (30, 4, 4, 2, 8, "65536M")
+    assert _executor_parameters(parse_options({"mem": "4G"}), "x", [])["slurm_mem"] == "4G"
     assert (p["slurm_partition"], p["slurm_account"], p["slurm_qos"]) == ("gpu", "lab", "high")
     p = _executor_parameters(parse_options({}), "x", [])
     assert "dependency" not in p["slurm_additional_parameters"] and "gpus_per_node" not in p
@@ -161,6 +162,8 @@ def test_stages_match_local_failures_reported_dependencies_hold(cluster, tmp_pat
     assert statuses["badkey"].startswith("failed: ConfigError:") and "no_such_key" in statuses["badkey"]
     assert statuses["after"] == "failed: not run: stage 'student' it depends on did not complete"
     assert json.loads(Path(bad_key.run_dir, "result.json").read_text())["status"] == statuses["badkey"]
+    assert "nothere" in (slurm / "logs" / "missing.log").read_text()          # per-run logs, as locally
+    assert "completed" in (slurm / "logs" / "teacher.log").read_text() or (slurm / "logs" / "teacher.log").exists()
 
     for run, ref in ((t, t_local), (s, s_local)):
         result = json.loads(Path(run.run_dir, "result.json").read_text())
@@ -182,7 +185,7 @@ def test_timeout_requeues_and_resumes_to_the_same_weights(cluster, tmp_path):
     overrides = ["method=ect", "trainer.steps=120", "trainer.lr=1e-3", "trainer.checkpoint_every_steps=20",
                  "eval.at_end=false"]
     run = _spec("requeued", tmp_path / "slurm", *overrides)
-    tracker = SlurmLauncher(poll_sec=1, max_requeue=2, time_min=10).submit([StageSpec("s", (run,))])
+    tracker = SlurmLauncher(poll_sec=1, max_requeue=2, time=10).submit([StageSpec("s", (run,))])
     job = tracker.tasks[0].job
     deadline = time.time() + 240
     while not list(Path(run.run_dir).glob("checkpoints/step-*")):
