@@ -178,6 +178,9 @@ def _collect(root, out, cfg: CollectConfig) -> tuple[dict[str, Path], list[str]]
     if cfg.metric is not None and cfg.metric not in set(df["metric"]):
         raise CollectError(f"metric {cfg.metric!r} is not in the runs under {root}; found: "
                            f"{', '.join(sorted(map(str, set(df['metric'])))) or 'none'}")
+    if cfg.ema != "best" and cfg.ema not in set(df["ema"]):
+        raise CollectError(f"ema {cfg.ema!r} is not in the runs under {root}; valid: best, "
+                           f"{', '.join(sorted(map(str, set(df['ema'])))) or '(no scores)'}")
     files = report.write_table(report.run_summary(df), out / "runs",
                                f"Completed runs under {root.name or root}: best score per metric and NFE "
                                f"over EMAs.", csv_df=df.drop(columns=["run_dir"]))

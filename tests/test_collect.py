@@ -170,6 +170,8 @@ def test_cli(tmp_path, capsys):
     write_run(tmp_path / "runs" / "failed", status="failed: ValueError: bad")
     assert main([str(tmp_path / "runs"), "--metric", "fid"]) == 2
     assert "metric 'fid' is not in the runs" in capsys.readouterr().err
+    assert main([str(tmp_path / "runs"), "--ema", "ema_0.9999"]) == 2
+    assert "valid: best, ema_std0.05" in capsys.readouterr().err
     assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "o"), "--target", "250", "--no-plots"]) == 0
     out = capsys.readouterr().out
     assert "5 run directories" in out and "4 completed" in out and "1 problems" in out
