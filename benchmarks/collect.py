@@ -75,7 +75,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.dir or tmp) / "runs"
         tic = time.perf_counter()
-        if not root.exists():
+        reused = root.exists()
+        if not reused:
             make_runs(root, args.runs)
         create_sec = time.perf_counter() - tic
         tic, cpu = time.perf_counter(), time.process_time()
@@ -85,7 +86,8 @@ def main() -> None:
         files = collect(root, Path(tmp) / "collected")
         collect_sec, collect_cpu = time.perf_counter() - tic, time.process_time() - cpu
     result = {"runs": args.runs, "score_rows": len(df), "completed": int(df["run"].nunique()),
-              "problems": len(problems), "files_written": len(files), "create_sec": round(create_sec, 2),
+              "problems": len(problems), "files_written": len(files), "reused_dir": reused,
+              "create_sec": round(create_sec, 2),
               "load_runs_sec": round(load_sec, 2), "load_runs_cpu_sec": round(load_cpu, 2),
               "collect_sec": round(collect_sec, 2), "collect_cpu_sec": round(collect_cpu, 2), "target_sec": 30.0,
               "under_target": collect_sec < 30.0, "python": platform.python_version(),
