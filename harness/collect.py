@@ -134,7 +134,9 @@ def _write_fits(out: Path, df: pd.DataFrame, pts: pd.DataFrame, cfg: CollectConf
                          + f"r={report.fmt(row.r)} n={row.n}")
     if cfg.plots:
         files |= _write_plots(out, pts, claws, slaws, x)
-    return files, [f"fits: {len(claws)} compute, {len(slaws)} size (of {len(fits)} groups)"] + lines
+    unfitted = len(fits) - len(claws) - len(slaws)
+    note = f"; {unfitted} groups with too few points listed unfitted in fits.md" if unfitted else ""
+    return files, [f"fits: {len(claws)} compute, {len(slaws)} size{note}"] + lines
 
 
 def _write_plots(out: Path, pts: pd.DataFrame, claws: dict, slaws: dict, x: str) -> dict:
