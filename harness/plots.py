@@ -76,12 +76,17 @@ def plot_scaling(points: pd.DataFrame, laws: dict[tuple, PowerLaw], *, x: str, h
             sns.scatterplot(data=sub, x=x, y="value", hue="method", style=held, palette=palette,
                             markers=markers, hue_order=list(palette), style_order=list(markers), ax=ax,
                             legend=nfe == min(axes), rasterized=len(sub) > _RASTER_ABOVE)
+            notes = []
             for key, law in sorted(laws.items(), key=lambda kv: str(kv[0])):
                 if key[3] != nfe or key[1] != metric or str(key[2]) not in palette:
                     continue
                 grid = np.geomspace(law.x_min, law.x_max, 50)
-                ax.plot(grid, law.predict(grid), color=palette[str(key[2])], lw=1.2,
-                        label=None)
+                ax.plot(grid, law.predict(grid), color=palette[str(key[2])], lw=1.2, label=None)
+                notes.append(f"{key[2]} {_label(key[4])}: $\\alpha$ = {law.alpha:.3f}")
+            if notes:
+                more = [f"... {len(notes) - 6} more fits"] if len(notes) > 6 else []
+                ax.text(0.02, 0.02, "\n".join(notes[:6] + more), transform=ax.transAxes, fontsize=6,
+                        va="bottom", ha="left")
             ax.set(xscale="log", yscale="log", title=f"NFE {nfe:g}", xlabel=_X_LABELS.get(x, x),
                    ylabel=metric)
             _plain_log_ticks(ax.yaxis, float(sub["value"].min()), float(sub["value"].max()))
