@@ -207,7 +207,7 @@ def _collect(root, out, cfg: CollectConfig) -> tuple[dict[str, Path], list[str]]
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m harness.collect", description=__doc__.split("\n\n")[1],
+    ap = argparse.ArgumentParser(prog="python -m harness.collect", description=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results_dir", help="directory searched (recursively) for run directories")
     ap.add_argument("--out", default=None, help="output directory (default RESULTS_DIR/collected)")
