@@ -116,6 +116,10 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _point_text(point: dict) -> str:
+    return " ".join(f"{k}={_fmt(v)}" for k, v in point.items()) or "the single grid point"
+
+
 def _check_keys(where: str, got: dict, valid: tuple[str, ...]) -> None:
     unknown = sorted(set(got) - set(valid))
     if unknown:
@@ -324,7 +328,7 @@ def _source_run(stage: Stage, src: Stage, point: dict, planned: dict[str, list[P
     hits = [r for r in planned[src.name] if all(r.point.get(k) == point.get(k) for k in shared)]
     if len(hits) != 1:
         free = sorted(set(src.grid) - set(stage.grid))
-        raise SpecError(f"stage '{stage.name}' at {_fmt(point)}: {len(hits)} runs of stage '{src.name}' match "
+        raise SpecError(f"stage '{stage.name}' at {_point_text(point)}: {len(hits)} runs of stage '{src.name}' match "
                         f"(they must agree on {shared or 'no key'}; '{src.name}' also varies {free or 'nothing'})")
     return hits[0]
 
@@ -357,7 +361,7 @@ def _plan_run(sweep: Sweep, stage: Stage, point: dict, base: list, extra: list,
     try:
         cfg = compose(overrides)
     except ConfigError as exc:
-        raise SpecError(f"stage '{stage.name}' at {_fmt(point)}: {exc}") from None
+        raise SpecError(f"stage '{stage.name}' at {_point_text(point)}: {exc}") from None
     steps = _budget_steps(point, cfg)
     if any(k in point for k in BUDGET_KEYS):
         overrides.append(f"trainer.steps={steps}")
@@ -385,6 +389,6 @@ def expand(sweep: Sweep, extra: list[str] = ()) -> list[PlannedRun]:
     ids = [r.run_id for r in runs]
     if len(set(ids)) != len(ids):
         dup = next(r for r in runs if ids.count(r.run_id) > 1)
-        raise SpecError(f"two runs of stage '{dup.stage}' have the same config ({_fmt(dup.point)}); "
+        raise SpecError(f"two runs of stage '{dup.stage}' have the same config ({_point_text(dup.point)}); "
                         f"a grid key the stage's overrides set has no effect")
     return runs

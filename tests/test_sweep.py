@@ -118,8 +118,9 @@ BAD = {
     "bad budget": (lambda s: s.replace("budget_nimg: [640]", "budget_nimg: [640, -1]"), "needs positive numbers"),
     "bad launcher": (lambda s: s.replace("name: local", "name: cloud"), "launcher.name 'cloud' is not valid; valid: auto, local, slurm"),
     "bad launcher option": (lambda s: s.replace("workers: 2", "wrokers: 2"), "unknown key wrokers in launcher.local"),
-    "ambiguous teacher": (lambda s: s.replace("{name: edm, grid: {budget_nimg: null}", "{name: edm, grid: {budget_nimg: null, trainer.lr: [1e-3, 2e-3]}")
-                          .replace("{method: [ect]}", "{method: [ect], trainer.lr: null}"), "2 runs of stage 'edm' match"),
+    "ambiguous teacher": (lambda s: s.replace("{{name: edm, grid: {{budget_nimg: null}}",
+                                              "{{name: edm, grid: {{budget_nimg: null, trainer.lr: [1e-3, 2e-3]}}"),
+                          "2 runs of stage 'edm' match"),
 }
 
 
@@ -137,10 +138,23 @@ def test_bad_specs_fail_in_one_line_before_work(tmp_path, capsys, case):
 
 
 @pytest.mark.parametrize("spec", ["smoke", "scaling", "scaling_cifar10"])
-def test_shipped_specs_expand(spec, capsys):
+def test_shipped_specs_expand(spec, capsys, tmp_path, monkeypatch):
+    import tarfile
+    (tmp_path / "cifar-10-batches-py").mkdir()                 # stand-ins: the checks look at paths only
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    for name in ("vgg16-397923af.pth", "vgg.pth"):
+        (tmp_path / name).touch()
+    monkeypatch.setenv("CIFAR10_PATH", str(tmp_path / "cifar-10-python.tar.gz"))
+    monkeypatch.setenv("LPIPS_WEIGHTS", str(tmp_path))
     sweep, extra = load_spec(str(ROOT / "sweeps" / f"{spec}.yaml"), ["out=/nonexistent/out"])
     runs = expand(sweep, extra)
     assert runs and len({r.run_id for r in runs}) == len(runs)
+    if spec != "smoke":                  # every method at 3 sizes x 3 budgets, plus the teachers
+        import methods
+        students = {r.method for r in runs if r.method not in ("edm", "trigflow")}
+        assert students == set(methods.names()) - {"edm", "trigflow"} and len(students) == 8
+        assert len(runs) == 8 * 3 * 3 + 2 * 3
     assert main([str(ROOT / "sweeps" / f"{spec}.yaml"), "--dry-run", "out=/nonexistent/out"]) == 0
     assert "estimated compute" in capsys.readouterr().out
 
