@@ -187,6 +187,20 @@ def apply_cli(spec: dict, edits: list[str]) -> tuple[dict, list[str]]:
     return spec, extra
 
 
+def _launcher_options(section: str) -> tuple[str, ...]:
+    """Valid options of a launcher: the SLURM launcher's own option fields where it imports, else the
+    documented set."""
+    if section == "slurm":
+        try:
+            from dataclasses import fields
+
+            from launchers.slurm import SlurmOptions
+            return tuple(f.name for f in fields(SlurmOptions) if f.name != "folder")
+        except ImportError:
+            pass
+    return LAUNCHER_OPTIONS[section]
+
+
 def _launcher(raw: Any) -> dict:
     raw = dict(raw or {})
     _check_keys("launcher", raw, ("name", *LAUNCHER_OPTIONS))
@@ -194,7 +208,8 @@ def _launcher(raw: Any) -> dict:
     if name not in LAUNCHERS:
         raise SpecError(f"launcher.name '{name}' is not valid; valid: {', '.join(LAUNCHERS)}")
     out = {"name": name}
-    for section, valid in LAUNCHER_OPTIONS.items():
+    for section in LAUNCHER_OPTIONS:
+        valid = _launcher_options(section) if raw.get(section) else LAUNCHER_OPTIONS[section]
         options = raw.get(section) or {}
         if not isinstance(options, dict):
             raise SpecError(f"launcher.{section} must be a mapping of options; valid: {', '.join(valid)}")
