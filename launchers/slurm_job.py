@@ -50,11 +50,14 @@ def run_one(spec: RunSpec, log_dir: str = "") -> str:
         handler = logging.FileHandler(Path(log_dir) / f"{spec.run_id}.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
         logging.getLogger().addHandler(handler)
+    log = logging.getLogger(__name__)
     try:
-        return str(execute(spec).get("status", "failed: the run returned no status"))
+        status = str(execute(spec).get("status", "failed: the run returned no status"))
+        log.info("run %s (%s): %s", spec.run_id, spec.run_dir, status)
+        return status
     except Exception as exc:   # noqa: BLE001 (one run's error must not stop the task's other runs)
         status = f"failed: {type(exc).__name__}: {first_line(exc)}"
-        logging.getLogger(__name__).error("%s %s", spec.run_id, status, exc_info=True)
+        log.error("run %s (%s): %s", spec.run_id, spec.run_dir, status, exc_info=True)
         _record_failure(spec, status, traceback.format_exc())
         return status
     finally:
@@ -81,6 +84,7 @@ class RunTask(submitit.helpers.Checkpointable):
 
     def __call__(self) -> dict[str, str]:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        logging.getLogger().setLevel(logging.INFO)       # basicConfig is a no-op where a handler exists
         if self.world_size > 1:
             # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT for harness.engine.setup_distributed; devices
             # stay visible so each rank takes cuda:LOCAL_RANK

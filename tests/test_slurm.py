@@ -162,8 +162,9 @@ def test_stages_match_local_failures_reported_dependencies_hold(cluster, tmp_pat
     assert statuses["badkey"].startswith("failed: ConfigError:") and "no_such_key" in statuses["badkey"]
     assert statuses["after"] == "failed: not run: stage 'student' it depends on did not complete"
     assert json.loads(Path(bad_key.run_dir, "result.json").read_text())["status"] == statuses["badkey"]
-    assert "nothere" in (slurm / "logs" / "missing.log").read_text()          # per-run logs, as locally
-    assert "completed" in (slurm / "logs" / "teacher.log").read_text() or (slurm / "logs" / "teacher.log").exists()
+    logs = {r: (slurm / "logs" / f"{r}.log").read_text() for r in ("teacher", "missing")}   # per-run logs
+    assert f"run teacher ({t.run_dir}): completed" in logs["teacher"]
+    assert f"run missing ({missing.run_dir}): {statuses['missing']}" in logs["missing"]
 
     for run, ref in ((t, t_local), (s, s_local)):
         result = json.loads(Path(run.run_dir, "result.json").read_text())
