@@ -189,6 +189,8 @@ def read_run(path: Path, run: str) -> tuple[list[dict], list[str]]:
         scores.update(_score_rows(evaluated.get("scores", []), "evaluate.json", problems))   # evaluate wins
     if not scores:
         problems.append("completed but no score records")
+    if not _num(result.get("flops_train")) > 0:
+        problems.append("completed but flops_train is missing or zero: not on a FLOPs compute axis")
     base = {"run_dir": str(path), "run": run, "status": "completed",
             "method": _get(cfg, "method", "name"), "model": _get(cfg, "model", "name"),
             "data": _get(cfg, "data", "name"),

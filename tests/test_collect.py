@@ -49,6 +49,7 @@ def mixed(tmp_path):
     (root / "notyaml" / "config.yaml").write_text("- just\n- a list\n")
     (root / "notyaml" / "result.json").write_text('{"status": "completed", "scores": []}')
     write_run(root / "badscore", scores=[score("n/a", 1), {"metric": "pixel_fd"}, score("nan", 2)])
+    write_run(root / "noflops", flops_per_img=0.0)
     (root / "not-a-run").mkdir()
     (root / "not-a-run" / "notes.txt").write_text("nothing here")
     return root
@@ -63,9 +64,11 @@ def _problems(problems):
 
 def test_load_runs_mixed_directory(mixed):
     df, problems = load_runs(mixed)
-    assert sorted(df["run"].unique()) == ["badscore", "sweep/ect-a", "sweep/ect-b"]
+    assert sorted(df["run"].unique()) == ["badscore", "noflops", "sweep/ect-a", "sweep/ect-b"]
     probs = _problems(problems)
-    assert sorted(probs) == ["badscore", "failed", "garbage", "half", "notyaml", "running", "truncated"]
+    assert sorted(probs) == ["badscore", "failed", "garbage", "half", "noflops", "notyaml", "running",
+                             "truncated"]
+    assert probs["noflops"] == ["completed but flops_train is missing or zero: not on a FLOPs compute axis"]
     assert probs["failed"] == ["failed: RuntimeError: CUDA out of memory"]
     assert probs["running"] == ["unfinished: status running, last logged step 20 of 20"]
     assert probs["half"] == ["unfinished: config.yaml only, no result.json"]
