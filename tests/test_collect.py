@@ -247,3 +247,17 @@ def test_collects_a_real_training_run(compose_run, tmp_path):
     assert (row["method"], row["model"], row["data"]) == ("ect", "unet-xs", "digits")
     assert row["flops"] == disk["flops_train"] > 0 and row["nimg"] == 4 * 32 == disk["nimg"]
     assert row["num_params"] == disk["num_params"] and row["cfg.trainer.steps"] == 4
+
+
+def test_identical_across_processes(tmp_path, mixed):
+    """Fresh interpreters with different hash seeds write the same bytes (no set or dict-order leaks)."""
+    import os
+    outs = []
+    for hash_seed in ("1", "2"):
+        out = tmp_path / f"out{hash_seed}"
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        proc = subprocess.run([sys.executable, "-m", "harness.collect", str(mixed), "--out", str(out),
+                               "--no-plots"], cwd=REPO, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        outs.append({p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()})
+    assert len(outs[0]) >= 14 and outs[0] == outs[1]
