@@ -364,9 +364,32 @@ def _flops(cfg) -> tuple[float, int]:
     return forward_flops(model, str(cfg.data.name), bool(cfg.data.class_conditional))
 
 
+def compose_cached(overrides: list[str], cache: dict):
+    """compose(overrides), composed by Hydra once per shape: runs that set the same keys with the same
+    group choices (method=, model=, data=, recipe=, method.preset=) share one composition, each run's
+    values are then set on a copy and checked by harness.config.validate (what compose itself does)."""
+    from omegaconf import OmegaConf
+
+    from harness.config import GROUPS, _parse, compose, expand_recipe, validate
+    parsed = _parse(expand_recipe(list(overrides)))
+    fixed = (*GROUPS, "recipe", "method.preset")
+    key = (tuple(o.input_line for o in parsed if o.key_or_group in fixed), tuple(o.key_or_group for o in parsed))
+    if key not in cache:
+        cache[key] = compose(overrides)
+        return cache[key]
+    cfg = copy.deepcopy(cache[key])
+    try:
+        for o in parsed:
+            if o.key_or_group not in fixed:
+                OmegaConf.update(cfg, o.key_or_group, o.value(), merge=False)
+    except Exception as exc:   # type errors from OmegaConf, on one line (as compose reports them)
+        raise ConfigError(f"invalid override: {' '.join(str(exc).split())}") from None
+    validate(cfg)
+    return cfg
+
+
 def _plan_run(sweep: Sweep, stage: Stage, point: dict, base: list, extra: list,
-              planned: dict[str, list[PlannedRun]]) -> PlannedRun:
-    from harness.config import compose
+              planned: dict[str, list[PlannedRun]], cache: dict) -> PlannedRun:
     sources = {key: _source_run(stage, next(s for s in sweep.stages if s.name == src), point, planned)
                for key, src in stage.sources.items()}
     grid_overrides = [o for k, v in point.items() if k not in BUDGET_KEYS
@@ -374,7 +397,7 @@ def _plan_run(sweep: Sweep, stage: Stage, point: dict, base: list, extra: list,
     overrides = [*base, *grid_overrides, *stage.overrides, *extra,
                  *(f"{key}={run.run_dir}" for key, run in sources.items())]
     try:
-        cfg = compose(overrides)
+        cfg = compose_cached(overrides, cache)
     except ConfigError as exc:
         raise SpecError(f"stage '{stage.name}' at {_point_text(point)}: {exc}") from None
     steps = _budget_steps(point, cfg)
@@ -395,10 +418,11 @@ def expand(sweep: Sweep, extra: list[str] = ()) -> list[PlannedRun]:
     """Every run of the sweep, stage by stage in dependency order; every config composed and checked."""
     base = list(sweep.spec.get("base") or [])
     planned: dict[str, list[PlannedRun]] = {}
+    cache: dict = {}
     for stage in sweep.stages:
         keys = list(stage.grid)
         planned[stage.name] = [
-            _plan_run(sweep, stage, dict(zip(keys, values)), base, list(extra), planned)
+            _plan_run(sweep, stage, dict(zip(keys, values)), base, list(extra), planned, cache)
             for values in itertools.product(*(stage.grid[k] for k in keys))]
     runs = [r for stage in sweep.stages for r in planned[stage.name]]
     ids = [r.run_id for r in runs]

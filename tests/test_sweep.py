@@ -75,6 +75,27 @@ def test_grid_sizes_stable_ids_and_dependency_order(tmp_path):
     assert all("teacher=" not in " ".join(r.overrides) for r in by_stage["tune"])
 
 
+def test_cached_composition_equals_compose(tmp_path):
+    from omegaconf import OmegaConf
+
+    from harness.config import ConfigError, compose
+    from harness.sweepspec import compose_cached
+    cache: dict = {}
+    runs = [["method=ect", "model=unet-xs", "seed=1", "trainer.lr=1e-3", "eval.steps=[1,2]"],
+            ["method=ect", "model=unet-xs", "seed=2", "trainer.lr=3e-3", "eval.steps=[1]"],
+            ["method=ect", "model=unet-xs", "seed=3", "trainer.lr=2e-3", "eval.steps=[4]", "init_from=/x"],
+            ["method=cd", "model=unet-xs", "seed=3", "trainer.lr=2e-3", "eval.steps=[4]", "teacher=/x"]]
+    for overrides in runs:
+        got = OmegaConf.to_container(compose_cached(overrides, cache))
+        assert got == OmegaConf.to_container(compose(overrides))
+    assert len(cache) == 3
+    compose_cached(["method=ect", "model=unet-xs", "trainer.steps=5"], cache)
+    with pytest.raises(ConfigError, match="trainer.steps and trainer.batch_size must be >= 1"):
+        compose_cached(["method=ect", "model=unet-xs", "trainer.steps=0"], cache)      # the cached path validates
+    with pytest.raises(ConfigError, match="invalid override"):
+        compose_cached(["method=ect", "model=unet-xs", "trainer.steps=fast"], cache)
+
+
 def test_budgets_become_steps_per_model(tmp_path):
     _, runs = _expand(tmp_path)
     for r in runs:
