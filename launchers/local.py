@@ -20,8 +20,6 @@ from typing import Sequence
 
 from launchers.base import RunSpec, StageSpec, UpdateFn, execute
 
-END = ("completed", "failed")
-
 
 def is_end(status: str) -> bool:
     return status == "completed" or status.startswith("failed")

@@ -79,7 +79,7 @@ def test_cached_composition_equals_compose(tmp_path):
     from omegaconf import OmegaConf
 
     from harness.config import ConfigError, compose
-    from harness.sweepspec import compose_cached
+    from harness.sweep_compose import compose_cached
     cache: dict = {}
     runs = [["method=ect", "model=unet-xs", "seed=1", "trainer.lr=1e-3", "eval.steps=[1,2]"],
             ["method=ect", "model=unet-xs", "seed=2", "trainer.lr=3e-3", "eval.steps=[1]"],
