@@ -214,3 +214,32 @@ def test_timeout_requeues_and_resumes_to_the_same_weights(cluster, tmp_path):
              if "loss" in json.loads(line)]
     assert steps == sorted(set(steps)) and steps[-1] == 120          # one straight run after truncation
     _assert_same_weights(run.run_dir, reference["run_dir"])
+
+
+@pytest.mark.slurm
+def test_sweep_driver_on_slurm_matches_local_launcher(cluster, tmp_path):
+    """`python -m harness.sweep SPEC launcher=slurm`: option names pass the spec check, two students
+    share one array task (runs_per_task), and every result equals the local launcher's."""
+    from harness.sweep import main as sweep
+    spec = {"name": "tiny", "base": [*TINY, "trainer.lr=1e-3"], "grid": {"budget_nimg": [640, 960]},
+            "stages": [{"name": "edm", "grid": {"budget_nimg": None}, "overrides": ["method=edm", "trainer.steps=20"]},
+                       {"name": "tune", "grid": {"method": ["ect"]}, "init_from": "edm"}],
+            "launcher": {"name": "local", "local": {"workers": 1},
+                         "slurm": {"time": 10, "runs_per_task": 2, "max_requeue": 1}}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(json.dumps(spec))                       # JSON is YAML
+    assert sweep([str(path), f"out={tmp_path / 'slurm'}", "launcher=slurm"]) == 0
+    assert sweep([str(path), f"out={tmp_path / 'local'}", "launcher=local"]) == 0
+
+    def results(out: Path) -> dict:
+        manifest = json.loads((out / "tiny" / "sweep.json").read_text())
+        return {(r["stage"], json.dumps(r["point"], sort_keys=True)):
+                json.loads(Path(r["run_dir"], "result.json").read_text()) for r in manifest["runs"]}
+    on_slurm, local = results(tmp_path / "slurm"), results(tmp_path / "local")
+    assert on_slurm.keys() == local.keys() and len(on_slurm) == 3
+    for key, result in on_slurm.items():
+        assert result["status"] == "completed" and _values(result) == _values(local[key])
+        _assert_same_weights(result["run_dir"], local[key]["run_dir"])
+    jobs = json.loads((tmp_path / "slurm" / "tiny" / "_slurm" / "jobs.json").read_text())
+    tune_jobs = [j["job_id"] for j in jobs.values() if j["stage"] == "tune"]
+    assert len(tune_jobs) == 2 and len(set(tune_jobs)) == 1                    # both runs in one task
