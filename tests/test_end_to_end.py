@@ -116,10 +116,9 @@ def test_continuous_time_methods_tune_the_trigflow_teacher(method, trigflow_teac
     assert result["status"] == "completed" and result["nonfinite_skipped"] == 0
     start = _evals(tmp_path / method)
     final = {s["steps"]: s["value"] for s in result["scores"]}
-    # measured: sCT 11.8 -> 2.5 (1 step), 4.9 -> 2.7 (2 steps); sCD 11.8 -> 5.0, 4.9 -> 4.7. As with CD, once
-    # 1-step samples approach the teacher's level on these digits, a second step adds little at this budget.
+    # measured: sCT 11.8 -> 2.52 (1 step), 2-step 1.96; sCD 11.8 -> 4.95, 2-step 3.14 (tiny preset t_mid = 0.4)
     assert final[1] < start[(0, 1)] / 2 and final[2] < start[(0, 2)]
-    assert final[2] < 1.5 * final[1]
+    assert final[2] < 0.9 * final[1]                            # a second step helps
 
 
 @pytest.mark.slow
