@@ -305,3 +305,30 @@ def test_failed_teacher_fails_its_students_without_running_them(tmp_path):
     assert status["t"].startswith("failed: ConfigError: trainer.steps") and status["a"].startswith("failed: ConfigError: unknown config key")
     assert status["s"] == f"failed: dependency t failed ({status['t']})"
     assert ("s", "running") not in updates and not (tmp_path / "s").exists()
+
+
+def test_status_board_plain_and_tty(tmp_path):
+    import io
+
+    from harness.sweep_status import StatusBoard, progress_line
+    _, runs = _expand(tmp_path, edits=["grid.model=[unet-xs]", "grid.seed=[0]", "grid.budget_nimg=[640]"])
+    status = {r.run_id: "queued" for r in runs}
+    plain = io.StringIO()
+    with StatusBoard(runs, status, plain) as board:
+        board.update(runs[0].run_id, "running")
+        board.update(runs[0].run_id, "completed")
+        board.update(runs[1].run_id, "failed: boom")
+    lines = plain.getvalue().splitlines()
+    assert "\x1b[" not in plain.getvalue()
+    assert lines[0].split()[1:] == ["running", Path(runs[0].run_dir).name]
+    assert lines[3].strip().startswith("[" + "#" * 10 + "." * 20 + "] 1/3  completed 1  failed 0")
+    assert "failed: boom" in plain.getvalue() and lines[-1].startswith("[" + "#" * 20 + "." * 10 + "] 2/3")
+    assert progress_line({"a": "completed", "b": "running"}, 5).endswith("running 1  queued 0  5 s")
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+    tty = Tty()
+    with StatusBoard(runs, status, tty) as board:
+        board.update(runs[0].run_id, "running")
+    assert "\x1b[" in tty.getvalue() and runs[0].run_id in tty.getvalue()
