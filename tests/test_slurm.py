@@ -245,3 +245,15 @@ def test_sweep_driver_on_slurm_matches_local_launcher(cluster, tmp_path, monkeyp
     jobs = json.loads((tmp_path / "slurm" / "tiny" / "_slurm" / "jobs.json").read_text())
     tune_jobs = [j["job_id"] for j in jobs.values() if j["stage"] == "tune"]
     assert len(tune_jobs) == 2 and len(set(tune_jobs)) == 1                    # both runs in one task
+
+
+@pytest.mark.slurm
+def test_two_ranks_through_submitits_torch_distributed_environment(cluster, tmp_path):
+    """tasks_per_node=2: srun starts two ranks, submitit's helper exports RANK/WORLD_SIZE/MASTER_*, and
+    the run trains data-parallel over gloo."""
+    run = _spec("dp", tmp_path, "method=ect", "trainer.steps=20", "eval.at_end=false")
+    statuses = SlurmLauncher(poll_sec=1, tasks_per_node=2, cpus_per_task=1, time=10).launch(
+        [StageSpec("dp", (run,))])
+    assert statuses == {"dp": "completed"}
+    derived = json.loads(Path(run.run_dir, "derived.json").read_text())
+    assert derived["world_size"] == 2 and derived["batch_per_rank"] == 16
