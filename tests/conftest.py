@@ -15,3 +15,32 @@ def compose_run(tmp_path):
         return compose(["data=digits", "model=unet-xs", "trainer.batch_size=32", "trainer.threads=1",
                         "eval.at_end=false", f"run_dir={tmp_path / run_dir}", *overrides])
     return make
+
+
+# The digits end-to-end setup (tests/test_end_to_end.py, test_e2e_*.py); thresholds there were measured with
+# the pixel-space FD, so it is pinned.
+E2E_COMMON = ["data=digits", "model=unet-xs", "trainer.optimizer=adam", "trainer.batch_size=128",
+              "trainer.ema_betas=[]", "trainer.ema_stds=[0.05]", "eval.num_samples=600", "eval.metric=pixel_fd"]
+
+
+def _teacher_run(tmp_path_factory, method: str, *extra: str):
+    from harness.config import compose
+    from harness.train import run
+    run_dir = tmp_path_factory.mktemp("e2e") / method
+    result = run(compose([*E2E_COMMON, f"method={method}", "trainer.steps=600", "trainer.lr=3e-3",
+                          "trainer.lr_schedule=inverse_sqrt", "trainer.lr_ref_steps=300",
+                          "eval.steps=[1,0]", *extra, f"run_dir={run_dir}"]))
+    assert result["status"] == "completed"
+    return run_dir, result
+
+
+@pytest.fixture(scope="session")
+def teacher(tmp_path_factory):
+    """A 600-step EDM teacher on the digits (trained once per session, shared by every e2e file)."""
+    return _teacher_run(tmp_path_factory, "edm", "eval.every_steps=600")
+
+
+@pytest.fixture(scope="session")
+def trigflow_teacher(tmp_path_factory):
+    """A 600-step TrigFlow teacher on the digits (for sCT / sCD)."""
+    return _teacher_run(tmp_path_factory, "trigflow")

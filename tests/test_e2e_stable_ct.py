@@ -8,11 +8,11 @@ import pytest
 
 from harness.config import compose
 from harness.train import run
-from tests.test_end_to_end import COMMON, _evals, _rows, teacher  # noqa: F401  (teacher is a fixture)
+from tests.test_end_to_end import COMMON, _evals, _rows     # the `teacher` fixture is in conftest (session)
 
 
 @pytest.mark.slow
-def test_stable_ct_tunes_the_edm_teacher(teacher, tmp_path):   # noqa: F811
+def test_stable_ct_tunes_the_edm_teacher(teacher, tmp_path):
     teacher_dir, _ = teacher
     untrained = _evals(teacher_dir)                          # step 0 of the teacher: the untrained network
     result = run(compose([*COMMON, "method=stable_ct", "trainer.steps=300", "trainer.lr=1e-3",

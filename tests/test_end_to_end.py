@@ -1,6 +1,7 @@
 """End to end on the real digits: an EDM teacher, then ECT tuned from it, CD distilled from it, and CT
 and iCT trained from scratch (a few minutes of CPU in all).
 
+The teachers are session fixtures (tests/conftest.py), shared with the other digits end-to-end files.
 Asserts what a user would look for: the teacher's samples are close to held-out digits; each consistency
 method's loss falls, its samples improve over training and end far below the untrained network's score."""
 import json
@@ -11,9 +12,7 @@ import pytest
 from harness.config import compose
 from harness.train import run
 
-COMMON = ["data=digits", "model=unet-xs", "trainer.optimizer=adam", "trainer.batch_size=128",
-          "trainer.ema_betas=[]", "trainer.ema_stds=[0.05]", "eval.num_samples=600",
-          "eval.metric=pixel_fd"]   # the thresholds below were measured with the pixel-space FD
+from tests.conftest import E2E_COMMON as COMMON   # the teachers (`teacher`, `trigflow_teacher`) are in conftest
 
 
 def _rows(run_dir):
@@ -26,16 +25,6 @@ def _evals(run_dir):
 
 def _losses(run_dir):
     return [r["loss"] for r in _rows(run_dir) if "loss" in r]
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("e2e") / "edm"
-    result = run(compose([*COMMON, "method=edm", "trainer.steps=600", "trainer.lr=3e-3",
-                          "trainer.lr_schedule=inverse_sqrt", "trainer.lr_ref_steps=300",
-                          "eval.every_steps=600", "eval.steps=[1,0]", f"run_dir={run_dir}"]))
-    assert result["status"] == "completed"
-    return run_dir, result
 
 
 @pytest.mark.slow
@@ -82,16 +71,6 @@ def test_discrete_consistency_methods_learn_the_digits(method, teacher, tmp_path
     else:
         # Trained from scratch: 2 steps beat 1 (the CM and iCT papers' ordering) and beat the untrained net.
         assert final[2] < final[1] and final[2] < untrained_2step / 3
-
-
-@pytest.fixture(scope="module")
-def trigflow_teacher(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("e2e") / "trigflow"
-    result = run(compose([*COMMON, "method=trigflow", "trainer.steps=600", "trainer.lr=3e-3",
-                          "trainer.lr_schedule=inverse_sqrt", "trainer.lr_ref_steps=300",
-                          "eval.steps=[1,0]", f"run_dir={run_dir}"]))
-    assert result["status"] == "completed"
-    return run_dir, result
 
 
 @pytest.mark.slow
