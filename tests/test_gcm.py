@@ -345,3 +345,26 @@ def test_state_round_trip():
     other.load_state_dict(state)
     with pytest.raises(ValueError, match="has no state"):
         other.load_state_dict({"target": {}})
+
+
+def test_ablation_sweep_is_the_guides_ladder():
+    """sweeps/gcm_ablation.yaml: Tab. 2 (A-F, CU) and Tab. 3 (G-L, VU), each rung switching on one module."""
+    import pathlib
+
+    import yaml
+    spec = yaml.safe_load((pathlib.Path(__file__).parents[1] / "sweeps" / "gcm_ablation.yaml").read_text())
+    stages = spec["stages"]
+    assert [s["name"][0] for s in stages] == list("ABCDEFGHIJKL")
+    rungs = [dict(o.split("=", 1) for o in s["overrides"]) for s in stages]
+    full = {"method.discretization": "exp", "method.time_cond": "exp", "method.weighting": "gamma",
+            "method.t_sampling": "sine", "method.loss": "mmd"}
+    for ladder in (rungs[:6], rungs[6:]):
+        assert all(ladder[0][k] != v for k, v in full.items())                  # the baseline: every module off
+        for before, after in zip(ladder, ladder[1:]):
+            changed = [k for k in after if after[k] != before[k]]
+            assert len(changed) == 1 and after[changed[0]] == full[changed[0]]  # one module switched on
+        assert all(ladder[-1][k] == v for k, v in full.items())                 # the last rung: the recipe
+    assert {r["method.variant"] for r in rungs[:6]} == {"cu"} and {r["method.variant"] for r in rungs[6:]} == {"vu"}
+    for stage in stages:                                                         # every rung is a valid config
+        cfg = compose([*spec["base"], *stage["overrides"]])
+        assert cfg.method.name == "gcm" and cfg.method.preset == "tiny"
