@@ -62,6 +62,9 @@ class GCMConfig:
     mmd_group: int = 0              # group size m; 0 = the variant's (CU 4, VU 2) [G Tab. 1]; 1 = l2 times 2e^(-h/sigma)
     mmd_sigma: float = 0.0          # kernel time scale; 0 = the variant's (CU 0.05, VU 0.1) [G Tab. 1]; .inf = IMM-style
     literal_eq46: bool = False      # every MMD term uses |t_j - r_k| as Eq. 46 prints [AMBIG-12]
+    # floor of t_j - r_j in the MMD row weight w_j/(t_j - r_j) [AMBIG-13]: that weight diverges as t_j -> s_j
+    # (r = s there); 1e-4 is below h(tT) = 1.5e-4, so only rows with t - s < 1e-4 are capped (not in the guide)
+    mmd_min_dt: float = 1e-4
     shared_dropout_mask: bool = True  # the teacher pass replays the student's dropout mask (unstated; iCT does)
     sampler: str = "auto"           # auto (CU restart, VU pushforward) | restart | pushforward (VU only) [G App. G.1]
     mid_t: list[float] = field(default_factory=lambda: [0.6])   # 2-step intermediate time t1 [G App. G.1]
@@ -89,9 +92,9 @@ class GCM(Method):
         if cfg.eps <= 0 or cfg.mu <= 0 or cfg.nu <= 0 or cfg.noise_std <= 0 or cfg.sigma_data <= 0:
             raise ValueError(f"GCM needs method.eps, mu, nu, noise_std, sigma_data > 0 "
                              f"(got {cfg.eps}, {cfg.mu}, {cfg.nu}, {cfg.noise_std}, {cfg.sigma_data})")
-        if cfg.mmd_group < 0 or cfg.mmd_sigma < 0:
-            raise ValueError(f"method.mmd_group and method.mmd_sigma must be >= 0 (0 = the variant's default), "
-                             f"got {cfg.mmd_group}, {cfg.mmd_sigma}")
+        if cfg.mmd_group < 0 or cfg.mmd_sigma < 0 or cfg.mmd_min_dt <= 0:
+            raise ValueError(f"method.mmd_group and method.mmd_sigma must be >= 0 (0 = the variant's default) and "
+                             f"method.mmd_min_dt > 0, got {cfg.mmd_group}, {cfg.mmd_sigma}, {cfg.mmd_min_dt}")
         if cfg.t_sampling != "uniform" and cfg.density_a == cfg.density_b:
             raise ValueError(f"method.t_sampling={cfg.t_sampling} needs method.density_a != method.density_b "
                              f"(both {cfg.density_a})")
@@ -179,7 +182,7 @@ class GCM(Method):
             particle = per_sample_sq(per.detach()).sqrt()
         else:
             a, b = eq40_particles(x_t, x_r, F, F_r, t, r, s)
-            dt = (t - r).clamp_min(1e-12)
+            dt = (t - r).clamp_min(c.mmd_min_dt)
             loss = time_aware_mmd(a, b, t, r, s, omega / dt, self.mmd_group, self.mmd_sigma, c.literal_eq46).mean()
             particle = per_sample_sq(a.detach() - b).sqrt() / dt
         return {"loss": loss, "gcm/l2": (omega * particle).mean(), "gcm/t_mean": t.mean(),

@@ -308,6 +308,7 @@ def test_pushforward_sampler_vu():
     ("t0", 0.0, "0 < method.t0 < method.tT"),
     ("eps", -1.0, "method.eps"),
     ("mmd_group", -1, "mmd_group"),
+    ("mmd_min_dt", 0.0, "mmd_min_dt > 0"),
     ("density_a", 0.01, "density_a != method.density_b"),
     ("sampler", "pushforward", "needs g\\(x, t, s\\) with s != t0"),
     ("mid_t", [0.2, 0.6], "method.mid_t must descend"),
