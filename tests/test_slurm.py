@@ -131,6 +131,57 @@ def test_error_line_from_submitit_trace():
     assert _trace_last_line(text) == "launchers.slurm_job.RunsFailed: 1 of 1 run(s) did not complete: a: failed: X"
 
 
+class _FakeJob:
+    """Stands in for a submitit SlurmJob: a SLURM state, maybe a result pickle, an error text."""
+
+    def __init__(self, job_id, state, tmp_path, error=None, stderr=""):
+        self.job_id, self.state_now, self.error, self._stderr = job_id, state, error, stderr
+        self.paths = type("P", (), {"result_pickle": tmp_path / f"{job_id}.pkl"})()
+        self.watcher = type("W", (), {"get_state": lambda _, job_id, mode: self.state_now})()
+        if error is not None:
+            self.paths.result_pickle.write_text("x")
+
+    def exception(self):
+        return self.error
+
+    def stderr(self):
+        return self._stderr
+
+
+def test_statuses_from_run_dirs_and_slurm_states(tmp_path, monkeypatch):
+    from launchers.slurm_status import StatusTracker, SubmittedTask, signature
+    runs = {name: RunSpec(name, str(tmp_path / name), ()) for name in ("a", "b", "c", "d", "e")}
+    Path(runs["a"].run_dir).mkdir()
+    Path(runs["a"].run_dir, "result.json").write_text('{"status": "failed: an earlier attempt"}')
+    stages = [StageSpec("s1", (runs["a"], runs["b"])), StageSpec("s2", (runs["c"],)),
+              StageSpec("s3", (runs["d"], runs["e"]), after=("s2",))]
+    tracker = StatusTracker(tmp_path / "_slurm", stages)
+    job1 = _FakeJob("1_0", "PENDING", tmp_path)
+    tracker.add(SubmittedTask("s1", job1, (runs["a"], runs["b"])), {"a": signature(runs["a"].run_dir)})
+    job2 = _FakeJob("2", "FAILED", tmp_path, stderr="slurmstepd: error: Detected 1 oom_kill event\n")
+    tracker.add(SubmittedTask("s2", job2, (runs["c"],)), {})
+    job3 = _FakeJob("3_0", "PENDING", tmp_path)
+    tracker.add(SubmittedTask("s3", job3, (runs["d"], runs["e"])), {})
+    cancelled = []
+    monkeypatch.setattr("launchers.slurm_status.scancel", cancelled.extend)
+    got = tracker.poll(refresh=False)
+    assert got["a"] == got["b"] == "queued"              # a stale failure does not count
+    assert got["c"] == "failed: SLURM job 2 ended FAILED: slurmstepd: error: Detected 1 oom_kill event"
+    assert got["d"] == got["e"] == "failed: not run: stage 's2' it depends on did not complete"
+    assert cancelled == ["3_0"]
+    job1.state_now = "RUNNING"
+    assert [tracker.poll(refresh=False)[k] for k in "ab"] == ["running", "queued"]   # packed after a
+    Path(runs["a"].run_dir, "result.json").write_text('{"status": "failed: ValueError: bad"}')
+    Path(runs["b"].run_dir).mkdir()
+    Path(runs["b"].run_dir, "result.json").write_text('{"status": "running"}')
+    assert [tracker.poll(refresh=False)[k] for k in "ab"] == ["failed: ValueError: bad", "running"]
+    job1.state_now, job1.error = "FAILED", RuntimeError("Job (task=0) failed during processing with trace:"
+                                                        "\n----------------------\nTraceback...\nKeyError: 'x'"
+                                                        "\n----------------------\nlogs")
+    job1.paths.result_pickle.write_text("x")
+    assert tracker.poll(refresh=False)["b"] == "failed: KeyError: 'x'"
+
+
 # -- on the cluster -------------------------------------------------------------------------------
 
 @pytest.mark.slurm
