@@ -21,9 +21,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Sequence
 
+from launchers import LauncherError
 from launchers.base import RunSpec, StageSpec, UpdateFn
 from launchers.slurm_job import RunTask
-from launchers import LauncherError
 from launchers.slurm_status import StatusTracker, SubmittedTask, is_end, read_status, signature
 
 
@@ -86,6 +86,9 @@ def parse_options(options: dict[str, Any], where: str = "launcher.slurm") -> Slu
         options = {**options, "mem": f"{int(round(mem * 1024))}M"}       # a bare number: GB
     elif not (isinstance(mem, str) and _MEM.match(mem)):
         raise SlurmOptionError(f"{where}.mem={mem!r} must be sbatch's form (4G, 500M, 1T) or a number of GB")
+    if options.get("signal_delay_s", 120) >= 60 * options.get("time", 60):
+        raise SlurmOptionError(f"{where}.signal_delay_s={options.get('signal_delay_s', 120)} must be below the "
+                               f"time limit ({where}.time={options.get('time', 60)} minutes)")
     for stage, extra in (options.get("stages") or {}).items():
         if not isinstance(extra, dict) or set(extra) - set(_PER_STAGE):
             raise SlurmOptionError(f"{where}.stages.{stage} must map option names to values; valid: "
@@ -138,6 +141,7 @@ class SlurmLauncher:
 
     def __init__(self, **options: Any):
         self.options = parse_options(options)
+        self._raw = {k: v for k, v in options.items() if k != "stages"}
 
     def _root(self, stages: Sequence[StageSpec]) -> Path:
         if self.options.folder:
@@ -146,7 +150,12 @@ class SlurmLauncher:
         return Path(os.path.commonpath(dirs)) if dirs else Path("results")
 
     def stage_options(self, stage: str) -> SlurmOptions:
-        return replace(self.options, **self.options.stages.get(stage, {}))
+        """The options with the stage's own overrides (`stages: {teacher: {time: 240}}`) applied."""
+        extra = self.options.stages.get(stage, {})
+        if not extra:
+            return self.options
+        return replace(parse_options({**self._raw, **extra}, where=f"launcher.slurm.stages.{stage}"),
+                       stages=self.options.stages)
 
     def _check(self, stages: Sequence[StageSpec]) -> None:
         names = {s.name for s in stages}
@@ -155,8 +164,7 @@ class SlurmLauncher:
             raise SlurmOptionError(f"launcher.slurm.stages names unknown stage(s) {unknown}; stages: "
                                    f"{', '.join(sorted(names))}")
         for s in stages:
-            parse_options({f.name: getattr(self.stage_options(s.name), f.name) for f in fields(SlurmOptions)},
-                          where=f"launcher.slurm.stages.{s.name}")
+            self.stage_options(s.name)             # each stage's merged options checked before any sbatch
 
     def submit(self, stages: Sequence[StageSpec]) -> StatusTracker:
         """Submit every stage (one sbatch each); the tracker reports the runs' statuses."""

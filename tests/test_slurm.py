@@ -107,6 +107,13 @@ def test_options_are_checked():
             parse_options(bad)
     with pytest.raises(SlurmOptionError, match="unknown stage"):
         SlurmLauncher(stages={"nope": {"time": 5}}).submit([StageSpec("teacher", ())])
+    with pytest.raises(SlurmOptionError, match=re.escape("signal_delay_s=120 must be below the time limit")):
+        parse_options({"time": 2})
+    launcher = SlurmLauncher(mem=4, stages={"teacher": {"time": 240, "mem": 64}})
+    teacher, other = launcher.stage_options("teacher"), launcher.stage_options("student")
+    assert (teacher.time, teacher.mem, other.time, other.mem) == (240, "65536M", 60, "4096M")
+    with pytest.raises(SlurmOptionError, match=re.escape("launcher.slurm.stages.teacher.nodes=0 must be >= 1")):
+        SlurmLauncher(stages={"teacher": {"nodes": 0}}).submit([StageSpec("teacher", ())])
 
 
 def test_executor_parameters():
