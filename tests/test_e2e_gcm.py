@@ -2,7 +2,9 @@
 trained from scratch as the guide does (no teacher, no pre-trained diffusion model), a few hundred steps each.
 
 Asserts what a user would look for: no non-finite value anywhere, 2-step samples better than 1-step ones
-(the guide's ordering, Tab. 2-3), and both far better than the untrained network's."""
+(the guide's ordering, Tab. 2-3), and both far better than the untrained network's. Measured (digits-classifier
+FD, 600 samples, floor 27.8): CU 1142.6 / 1339.6 untrained -> 243.2 / 210.0 (1 / 2 steps); VU 1142.6 / 1142.6
+-> 240.6 / 175.5. At trainer.lr=1e-3 CU's restart 2-step samples only tie its 1-step ones by step 800."""
 import json
 import math
 
