@@ -53,6 +53,8 @@ def _worker(index: int, tasks, results, threads: int, parent_pid: int, log_dir: 
     """A worker's life: import the heavy modules once, then train whatever it is handed."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(var, None)               # a private rendezvous per worker, never the driver's
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     _redirect_output(Path(log_dir) / f"worker-{index}.log")
     import logging
