@@ -114,13 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from harness.trainer import check_source_run, check_teacher_run
-    checks = {"init_from": lambda src: check_source_run(src, cfg.data),
-              "teacher": lambda src: check_teacher_run(src, cfg)}
-    for key, check in checks.items():
+    from harness.trainer import check_source_run
+    for key, student in (("init_from", ""), ("teacher", cfg.method.name)):
         try:
             if cfg[key]:
-                check(cfg[key])
+                check_source_run(cfg[key], cfg.data, student)
         except ValueError as exc:
             print(f"error: {key}: {exc}", file=sys.stderr)
             return 2

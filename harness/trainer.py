@@ -51,9 +51,10 @@ def method_config(cfg: DictConfig):
     return OmegaConf.to_object(cfg.method)
 
 
-def check_source_run(run_dir: str, data: DictConfig) -> DictConfig:
-    """The config of a run another one starts from (init_from / teacher): it must be complete, and trained
-    on the same data (name, so image size and channels, and conditioning)."""
+def check_source_run(run_dir: str, data: DictConfig, student: str = "") -> DictConfig:
+    """The config of a run another one starts from (init_from / teacher): it must be complete, trained on
+    the same data (name, so image size and channels, and conditioning) and, as the teacher of method
+    `student`, with one of the methods in that method's `teacher_methods` (empty: any)."""
     src = RunDir(run_dir)
     if not src.config_path.exists():
         raise ValueError(f"{run_dir} is not a run directory (no config.yaml)")
@@ -66,22 +67,17 @@ def check_source_run(run_dir: str, data: DictConfig) -> DictConfig:
     if other.data.class_conditional != data.class_conditional:
         raise ValueError(f"{run_dir} has data.class_conditional={other.data.class_conditional}, "
                          f"this run {data.class_conditional}")
-    return other
-
-
-def check_teacher_run(run_dir: str, cfg: DictConfig) -> DictConfig:
-    """check_source_run, and the teacher's method must be one the student can read (its `teacher_methods`)."""
-    other = check_source_run(run_dir, cfg.data)
-    allowed = methods.get(cfg.method.name).teacher_methods
+    allowed = methods.get(student).teacher_methods if student else ()
     if allowed and other.method.name not in allowed:
-        raise ValueError(f"{run_dir} is a {other.method.name} run; {cfg.method.name} needs a teacher trained with "
+        raise ValueError(f"{run_dir} is a {other.method.name} run; {student} needs a teacher trained with "
                          f"method={' or method='.join(allowed)}")
     return other
 
 
-def load_run_net(run_dir: str, ema_name: str, data: DictConfig) -> tuple[dict[str, torch.Tensor], DictConfig]:
-    """EMA weights and model config of another, completed run (init_from / teacher) on the same data."""
-    src, other = RunDir(run_dir), check_source_run(run_dir, data)
+def load_run_net(run_dir: str, ema_name: str, data: DictConfig,
+                 student: str = "") -> tuple[dict[str, torch.Tensor], DictConfig]:
+    """EMA weights and model config of another, completed run (init_from / teacher, see check_source_run)."""
+    src, other = RunDir(run_dir), check_source_run(run_dir, data, student)
     for ckpt in checkpoint.list_checkpoints(src.path):
         try:
             emas = torch.load(ckpt / "harness.pt", map_location="cpu", weights_only=False)["emas"]
@@ -143,8 +139,7 @@ class Trainer:
 
     def _load_teacher(self) -> torch.nn.Module:
         cfg = self.cfg
-        check_teacher_run(cfg.teacher, cfg)
-        weights, model_cfg = load_run_net(cfg.teacher, "", cfg.data)
+        weights, model_cfg = load_run_net(cfg.teacher, "", cfg.data, student=cfg.method.name)
         net = build_net(model_cfg, self.data.shape, self.data.num_classes)
         load_weights(net, weights, cfg.teacher)
         return net.to(self.device).eval().requires_grad_(False)
