@@ -114,8 +114,8 @@ def _memory_in_child(config: str, key: str, root: Path, teachers: dict[str, str]
     code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import torch; torch.set_num_threads({torch.get_num_threads()}); "
             f"from benchmarks.step_cost import measure_memory; "
             f"print(measure_memory({config!r}, {key!r}, {str(root)!r}, {teachers!r}))")
-    env = {k: v for k, v in os.environ.items()       # a private rendezvous, not this process's
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    from launchers.base import RENDEZVOUS_ENV
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_ENV}   # a private rendezvous
     env["MALLOC_MMAP_THRESHOLD_"] = "65536"   # large blocks are mmap'd and unmapped on free: RSS = live memory
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
     if out.returncode:

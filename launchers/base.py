@@ -39,6 +39,11 @@ def execute(spec: RunSpec) -> dict:
     return run(compose(list(spec.overrides)))
 
 
+# torch.distributed's rendezvous variables. A lone run's harness.engine.setup_distributed writes them into
+# its process's environment; a process started from it (a worker, a SLURM job) must not inherit them.
+RENDEZVOUS_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 # on_update(run_id, status): status is "queued", "running", "completed" or "failed: <reason>".
 UpdateFn = Callable[[str, str], None]
 

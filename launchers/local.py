@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from launchers.base import RunSpec, StageSpec, UpdateFn, execute
+from launchers.base import RENDEZVOUS_ENV, RunSpec, StageSpec, UpdateFn, execute
 
 
 def is_end(status: str) -> bool:
@@ -53,7 +53,7 @@ def _worker(index: int, tasks, results, threads: int, parent_pid: int, log_dir: 
     """A worker's life: import the heavy modules once, then train whatever it is handed."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for var in RENDEZVOUS_ENV:
         os.environ.pop(var, None)               # a private rendezvous per worker, never the driver's
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     _redirect_output(Path(log_dir) / f"worker-{index}.log")

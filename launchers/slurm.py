@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from launchers import LauncherError
-from launchers.base import RunSpec, StageSpec, UpdateFn
+from launchers.base import RENDEZVOUS_ENV, RunSpec, StageSpec, UpdateFn
 from launchers.slurm_job import RunTask
 from launchers.slurm_status import StatusTracker, SubmittedTask, is_end, read_status, signature
 
@@ -117,16 +117,13 @@ def _executor_parameters(opts: SlurmOptions, name: str, after: Sequence[str]) ->
     return params
 
 
-_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
 @contextlib.contextmanager
 def _job_env():
     """Hide this process's torch.distributed and SLURM job variables while submitting (sbatch exports
     the environment: a job must not inherit a rendezvous, or an allocation when submitted from inside
     one); SLURM_CONF stays, it names the cluster."""
     hidden = {k: os.environ.pop(k) for k in list(os.environ)
-              if (k in _DIST_ENV or k.startswith(("SLURM_", "SLURMD_", "SRUN_", "SBATCH_", "SUBMITIT_")))
+              if (k in RENDEZVOUS_ENV or k.startswith(("SLURM_", "SLURMD_", "SRUN_", "SBATCH_", "SUBMITIT_")))
               and k != "SLURM_CONF"}
     try:
         yield
