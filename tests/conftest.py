@@ -17,6 +17,16 @@ def compose_run(tmp_path):
     return make
 
 
+@pytest.fixture
+def cifar10_stub(tmp_path):
+    """An extracted CIFAR-10 folder of empty files: enough for configs that check data.path, not to load."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / name).touch()
+    return folder
+
+
 # The digits end-to-end setup (tests/test_end_to_end.py, test_e2e_*.py); thresholds there were measured with
 # the pixel-space FD, so it is pinned.
 E2E_COMMON = ["data=digits", "model=unet-xs", "trainer.optimizer=adam", "trainer.batch_size=128",

@@ -74,12 +74,8 @@ def test_recipes_expand_under_the_command_line():
         compose(["recipe=ect-cifar10"])
 
 
-def test_ect_cifar10_recipe_is_table_7(tmp_path):
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        (folder / name).touch()
-    cfg = compose(["recipe=ect-cifar10", f"data.path={folder}"])
+def test_ect_cifar10_recipe_is_table_7(cifar10_stub):
+    cfg = compose(["recipe=ect-cifar10", f"data.path={cifar10_stub}"])
     # ECT Table 7, unconditional CIFAR-10
     assert (cfg.model.name, cfg.model.dropout) == ("ddpmpp-cifar10", 0.2)
     assert (cfg.trainer.optimizer, cfg.trainer.lr, cfg.trainer.batch_size, cfg.trainer.steps) == ("radam", 1e-4, 128, 100000)

@@ -220,13 +220,9 @@ def test_presets_compose():
         compose(["method=stable_ct", "method.reference=x"])
 
 
-def test_cifar10_recipe_is_sct_table_1_setup(tmp_path):
+def test_cifar10_recipe_is_sct_table_1_setup(cifar10_stub):
     from harness.config import compose
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        (folder / name).touch()
-    cfg = compose(["recipe=stable-ct-cifar10", f"data.path={folder}"])
+    cfg = compose(["recipe=stable-ct-cifar10", f"data.path={cifar10_stub}"])
     # SCT Table 1 note (128 x 200k), ECT Table 7 otherwise
     assert (cfg.model.name, cfg.model.dropout) == ("ddpmpp-cifar10", 0.2)
     t = cfg.trainer
