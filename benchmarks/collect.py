@@ -4,8 +4,8 @@
 
 The directories (tests/synthetic_runs.py, the files a real run writes) are 5 methods x 3 model sizes
 x 8 budgets x seeds, each score K * C^alpha with 3% log-normal noise; 1% of them are failed, running,
-config-only, truncated or garbage. Times load_runs alone, then the whole collect (load, fits with 1000
-bootstrap resamples each, tables, plots), wall clock and this process's CPU time (the machine is
+config-only, truncated or garbage. Times load_runs alone, then the whole collect (load, fits with
+t-intervals, tables, plots), wall clock and this process's CPU time (the machine is
 shared: the CPU time is the load-independent number). Writes results/bench/collect.json.
 """
 from __future__ import annotations

@@ -45,15 +45,14 @@ class CollectConfig:
     target_factor: float = 1.5       # default target = this x the best 2-step score of each data/metric
     compute: str = "flops"           # compute axis: flops (counted training FLOPs) | nimg (training images)
     ema: str = "best"                # score per run: best (lowest over its EMAs) | an EMA name
-    bootstrap: int = 1000            # bootstrap resamples for the interval on alpha (0 = none)
-    seed: int = 0                    # bootstrap seed
+    level: float = 0.95              # confidence level of the t-interval on alpha
     plots: bool = True               # write plots/
 
     def check(self) -> None:
         if self.compute not in ("flops", "nimg"):
             raise CollectError(f"compute must be flops or nimg, got {self.compute!r}")
-        if self.bootstrap < 0:
-            raise CollectError(f"bootstrap must be >= 0, got {self.bootstrap}")
+        if not 0.0 < self.level < 1.0:
+            raise CollectError(f"level must lie strictly between 0 and 1, got {self.level}")
         if self.target is not None and not (math.isfinite(self.target) and self.target > 0):
             raise CollectError(f"target must be a positive number, got {self.target}")
 
@@ -102,15 +101,14 @@ def _write_fits(out: Path, df: pd.DataFrame, pts: pd.DataFrame, cfg: CollectConf
     files, lines = {}, []
     cpts = pts[pts[x].gt(0)]
     spts = pts[pts["num_params"].gt(0)]
-    cfits, claws = fit_groups(cpts, kind="compute", x=x, held="model", bootstrap=cfg.bootstrap, seed=cfg.seed)
-    sfits, slaws = fit_groups(spts, kind="size", x="num_params", held="nimg", bootstrap=cfg.bootstrap,
-                              seed=cfg.seed)
+    cfits, claws = fit_groups(cpts, kind="compute", x=x, held="model", level=cfg.level)
+    sfits, slaws = fit_groups(spts, kind="size", x="num_params", held="nimg", level=cfg.level)
     fits = pd.concat([f for f in (cfits, sfits) if not f.empty], ignore_index=True) \
         if not (cfits.empty and sfits.empty) else cfits
     form = (f"score = K * (x / x0)^alpha, OLS in log-log space, x0 = the smallest x of each fit; "
             f"compute fits hold the model fixed (x = {x}), size fits hold the training images fixed "
-            f"(x = num_params); alpha 95% percentile bootstrap over points ({cfg.bootstrap} resamples, seed "
-            f"{cfg.seed}).")
+            f"(x = num_params); every seed of every budget is a point; [alpha_lo, alpha_hi] is the "
+            f"{cfg.level:.0%} t-interval on alpha (n - 2 degrees of freedom).")
     md_cols = ["kind", "data", "metric", "method", "nfe", "held", "n", "x0", "K", "alpha", "alpha_lo",
                "alpha_hi", "r", "r2", "p_value", "note"]
     files |= report.write_table(fits[md_cols], out / "fits", "Power-law fits: " + form, csv_df=fits)

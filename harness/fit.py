@@ -4,12 +4,14 @@ Functional form (ECT scaling law, SEED-ECT Sec. 4.2 / Fig. 4; specs/ect_sct.md S
 
     y = K * (x / x0) ** alpha        e.g. FD = K * C^alpha with C = FLOPs / FLOPs at the smallest budget
 
-fit by ordinary least squares of ln y on ln(x / x0) (the paper's fit, implied: OLS over its six points),
-x0 = the smallest x of the group, so C = 1 at the smallest budget and K is the fitted score there. The
-slope alpha does not depend on x0 or the log base. Reported with it: Pearson r between ln x and ln y,
-R^2 of the log-log regression (= r^2, OLS with an intercept), the two-sided p-value of r (t test,
-n - 2 dof), the OLS standard error of alpha, and a 95% percentile-bootstrap interval on alpha (points
-resampled with replacement; resamples whose x are all equal are skipped; seeded, so deterministic).
+fit by ordinary least squares of ln y on ln(x / x0) (scipy.stats.linregress; the paper's fit, implied: OLS
+over its six points), x0 = the smallest x of the group, so C = 1 at the smallest budget and K is the
+fitted score there. The slope alpha does not depend on x0 or the log base. Every point enters (every seed
+of every budget). Reported with it: Pearson r between ln x and ln y, R^2 (= r^2), the two-sided p-value of
+the slope (t test, n - 2 dof), the OLS standard error of alpha and a t-interval on alpha,
+alpha +- t_{n-2, (1+level)/2} * se. The interval is exact for independent normal errors in ln y, so it is
+valid at small n (3 seeds x 4 budgets), where a bootstrap over points is not: over three points a
+bootstrap interval is a few resamples wide and excludes 0 far more often than the p-value would allow.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 
 class FitError(ValueError):
@@ -32,12 +35,13 @@ class PowerLaw:
     n: int                 # points fitted
     r: float               # Pearson r of (ln x, ln y)
     r2: float              # R^2 of the log-log regression
-    p_value: float         # two-sided p-value of r (nan for n <= 2)
+    p_value: float         # two-sided p-value of the slope (nan for n <= 2)
     alpha_se: float        # OLS standard error of alpha (nan for n <= 2)
-    alpha_lo: float        # bootstrap interval, lower end (nan for n <= 2 or no bootstrap)
-    alpha_hi: float        # bootstrap interval, upper end
+    alpha_lo: float        # t-interval on alpha, lower end (nan for n <= 2)
+    alpha_hi: float        # t-interval on alpha, upper end
     x_min: float           # fitted range
     x_max: float
+    level: float = 0.95    # confidence level of [alpha_lo, alpha_hi]
 
     def predict(self, x):
         """y = K * (x / x0)^alpha."""
@@ -50,18 +54,7 @@ class PowerLaw:
         return float(self.x0 * (y / self.K) ** (1.0 / self.alpha))
 
 
-def _slopes(lx: np.ndarray, ly: np.ndarray) -> np.ndarray:
-    """OLS slopes of each row of ly on the same row of lx (rows are resamples); nan where var(x) = 0."""
-    dx = lx - lx.mean(axis=-1, keepdims=True)
-    dy = ly - ly.mean(axis=-1, keepdims=True)
-    var = (dx * dx).sum(axis=-1)
-    cov = (dx * dy).sum(axis=-1)
-    scale = np.maximum(np.abs(lx).max(axis=-1), 1.0)
-    ok = var > 1e-20 * scale ** 2 * lx.shape[-1]
-    return np.where(ok, cov / np.where(ok, var, 1.0), np.nan)
-
-
-def fit_power_law(x, y, *, bootstrap: int = 1000, seed: int = 0, level: float = 0.95) -> PowerLaw:
+def fit_power_law(x, y, *, level: float = 0.95) -> PowerLaw:
     """Fit y = K * (x / min x)^alpha by least squares in log-log space (see the module docstring)."""
     x = np.asarray(x, dtype=float).ravel()
     y = np.asarray(y, dtype=float).ravel()
@@ -71,37 +64,25 @@ def fit_power_law(x, y, *, bootstrap: int = 1000, seed: int = 0, level: float = 
         raise FitError("a power-law fit needs finite, positive x and y")
     if x.size < 2 or np.unique(x).size < 2:
         raise FitError(f"a power-law fit needs at least two distinct x (got {np.unique(x).size})")
+    if not 0.0 < level < 1.0:
+        raise FitError(f"level must lie in (0, 1), got {level}")
     n = x.size
     x0 = float(x.min())
     lx, ly = np.log(x / x0), np.log(y)
-    alpha = float(_slopes(lx, ly))
-    log_k = float(ly.mean() - alpha * lx.mean())
-    dx, dy = lx - lx.mean(), ly - ly.mean()
-    syy = float((dy * dy).sum())
-    r = float((dx * dy).sum() / math.sqrt(float((dx * dx).sum()) * syy)) if syy > 0 else 0.0
-    r = max(-1.0, min(1.0, r))
-    p_value = alpha_se = lo = hi = math.nan
+    if np.ptp(ly) == 0.0:                                    # a flat line: linregress divides by var(y)
+        alpha, log_k, r, p_value, alpha_se = 0.0, float(ly[0]), 0.0, 1.0, 0.0
+    else:
+        res = stats.linregress(lx, ly)
+        alpha, log_k, r = float(res.slope), float(res.intercept), float(res.rvalue)
+        p_value, alpha_se = float(res.pvalue), float(res.stderr)
+    lo = hi = math.nan
     if n > 2:
-        resid = ly - (log_k + alpha * lx)
-        alpha_se = math.sqrt(float((resid * resid).sum()) / (n - 2) / float((dx * dx).sum()))
-        p_value = _pearson_p(r, n)
-        if bootstrap > 0:
-            idx = np.random.default_rng(seed).integers(0, n, size=(bootstrap, n))
-            slopes = _slopes(lx[idx], ly[idx])
-            slopes = slopes[np.isfinite(slopes)]
-            if slopes.size:
-                lo, hi = (float(v) for v in np.quantile(slopes, [(1 - level) / 2, (1 + level) / 2]))
+        half = float(stats.t.ppf((1.0 + level) / 2.0, n - 2)) * alpha_se
+        lo, hi = alpha - half, alpha + half
+    else:
+        p_value = alpha_se = math.nan
     return PowerLaw(K=math.exp(log_k), alpha=alpha, x0=x0, n=n, r=r, r2=r * r, p_value=p_value,
-                    alpha_se=alpha_se, alpha_lo=lo, alpha_hi=hi, x_min=x0, x_max=float(x.max()))
-
-
-def _pearson_p(r: float, n: int) -> float:
-    """Two-sided p-value of Pearson r under the null of no correlation (t = r sqrt((n-2)/(1-r^2)))."""
-    from scipy import stats
-    if abs(r) >= 1.0:
-        return 0.0
-    t = r * math.sqrt((n - 2) / (1.0 - r * r))
-    return float(2.0 * stats.t.sf(abs(t), n - 2))
+                    alpha_se=alpha_se, alpha_lo=lo, alpha_hi=hi, x_min=x0, x_max=float(x.max()), level=level)
 
 
 def _label(value) -> str:
@@ -112,8 +93,8 @@ FIT_COLUMNS = ["kind", "data", "metric", "method", "nfe", "held", "x", "n", "x0"
                "alpha_lo", "alpha_hi", "alpha_se", "r", "r2", "p_value", "x_min", "x_max", "note"]
 
 
-def fit_groups(points: pd.DataFrame, *, kind: str, x: str, held: str, bootstrap: int = 1000,
-               seed: int = 0) -> tuple[pd.DataFrame, dict[tuple, PowerLaw]]:
+def fit_groups(points: pd.DataFrame, *, kind: str, x: str, held: str,
+               level: float = 0.95) -> tuple[pd.DataFrame, dict[tuple, PowerLaw]]:
     """One fit of `value` vs column `x` per (data, metric, method, nfe, <held>).
 
     `held` is the column kept fixed inside a fit (the model for compute fits, as ECT fixes the network;
@@ -127,7 +108,7 @@ def fit_groups(points: pd.DataFrame, *, kind: str, x: str, held: str, bootstrap:
         row = dict(zip(["data", "metric", "method", "nfe"], key[:4]), kind=kind, held=f"{held}={_label(key[4])}",
                    x=x, n=len(grp), note="")
         try:
-            law = fit_power_law(grp[x].to_numpy(), grp["value"].to_numpy(), bootstrap=bootstrap, seed=seed)
+            law = fit_power_law(grp[x].to_numpy(), grp["value"].to_numpy(), level=level)
         except FitError as exc:
             row["note"] = str(exc)
         else:

@@ -125,7 +125,7 @@ def md_escape(text: str) -> str:
 def _measure_fit(table: Table, sub) -> Measured:
     """This harness's K, alpha and Pearson r of metric = K * C^alpha beside a paper's fitted law: C is
     training images over the smallest budget (ECT Fig. 4: the model is fixed, so FLOPs are proportional)."""
-    from harness.fit import FitError, fit_power_law  # numpy only; imported when a fit is asked for
+    from harness.fit import FitError, fit_power_law  # imported when a fit is asked for
 
     out = Measured(labels=["cmbench K", "cmbench α", "cmbench r"], used=set(sub.index))
     for row in table["rows"]:
@@ -135,7 +135,7 @@ def _measure_fit(table: Table, sub) -> Measured:
         try:
             if len(models) > 1:
                 raise FitError(f"runs of {len(models)} models")
-            law = fit_power_law(pts["nimg"], pts["value"], bootstrap=0)
+            law = fit_power_law(pts["nimg"], pts["value"])
             out.cells.append([f"{law.K:.1f}", f"{law.alpha:.3f}", f"{law.r:.4f}"])
         except FitError as exc:
             out.cells.append(["", "", ""])

@@ -118,7 +118,7 @@ def _law_runs(root, budgets=(100, 200, 400, 800)):
 
 def test_fits_from_synthetic_runs(tmp_path):
     laws = _law_runs(tmp_path / "runs")
-    files = collect(tmp_path / "runs", tmp_path / "out", bootstrap=200, plots=False)
+    files = collect(tmp_path / "runs", tmp_path / "out", plots=False)
     fits = pd.read_csv(files["fits.csv"])
     comp = fits[fits.kind == "compute"].set_index(["method", "nfe"])
     for method, (K, alpha) in laws.items():
@@ -146,17 +146,17 @@ def test_fits_from_synthetic_runs(tmp_path):
 
 def test_same_directory_twice_gives_identical_files(tmp_path, mixed):
     _law_runs(mixed / "laws")
-    first = collect(mixed, tmp_path / "a", bootstrap=100)
-    second = collect(mixed, tmp_path / "b", bootstrap=100)
+    first = collect(mixed, tmp_path / "a")
+    second = collect(mixed, tmp_path / "b")
     assert sorted(first) == sorted(second)
     for kind in ("compute", "size", "steps"):
         for ext in ("png", "pdf"):
             assert first[f"plots/{kind}_digits_pixel_fd.{ext}"].stat().st_size > 1000
     for name in first:
         assert first[name].read_bytes() == second[name].read_bytes(), name
-    again = collect(mixed, bootstrap=100, plots=False)                # default out: root/collected
+    again = collect(mixed, plots=False)                # default out: root/collected
     assert all(p.parent == mixed / "collected" for p in again.values())
-    rerun = collect(mixed, bootstrap=100, plots=False)                # the output folder is not a run
+    rerun = collect(mixed, plots=False)                # the output folder is not a run
     assert rerun["problems.md"].read_bytes() == first["problems.md"].read_bytes()
     assert rerun["runs.csv"].read_bytes() == first["runs.csv"].read_bytes()
 

@@ -1,4 +1,5 @@
-"""Power-law fits (harness.fit): known parameters recovered, ECT's six points, r / R^2 / p, bootstrap."""
+"""Power-law fits (harness.fit): ECT's six points, scipy.stats.linregress on random data, the t-interval's
+coverage at the study's n (4 budgets x 3 seeds), matched compute and compute-to-target."""
 import math
 
 import numpy as np
@@ -40,7 +41,7 @@ def test_recovers_known_parameters_with_noise():
     x = np.repeat(np.geomspace(1e10, 1e13, 8), 3)             # 8 budgets x 3 seeds
     K, alpha = 41.0, -0.35
     y = K * (x / x.min()) ** alpha * np.exp(rng.normal(0.0, 0.03, x.size))
-    law = fit_power_law(x, y, bootstrap=2000, seed=1)
+    law = fit_power_law(x, y)
     slope, intercept = np.polyfit(np.log(x / x.min()), np.log(y), 1)   # an independent straight-line fit
     assert law.alpha == pytest.approx(slope, abs=1e-10)
     assert law.K == pytest.approx(math.exp(intercept), rel=1e-10)
@@ -49,6 +50,40 @@ def test_recovers_known_parameters_with_noise():
     assert law.alpha_lo < alpha < law.alpha_hi
     assert law.alpha_hi - law.alpha_lo < 0.05
     assert abs(law.alpha - alpha) < 4 * law.alpha_se
+
+
+def _straight_line_fit(x, y, level):
+    """OLS of ln y on ln(x / min x) written out: slope, intercept, se (n - 2 dof), t-interval, p."""
+    lx, ly = np.log(x / x.min()), np.log(y)
+    n = lx.size
+    sxx = np.sum((lx - lx.mean()) ** 2)
+    slope = np.sum((lx - lx.mean()) * (ly - ly.mean())) / sxx
+    intercept = ly.mean() - slope * lx.mean()
+    resid = ly - intercept - slope * lx
+    se = math.sqrt(np.sum(resid ** 2) / (n - 2) / sxx)
+    q = stats.t.ppf(0.5 + level / 2, n - 2)
+    p = 2 * stats.t.sf(abs(slope / se), n - 2)
+    return slope, intercept, se, (slope - q * se, slope + q * se), p
+
+
+@pytest.mark.parametrize("n_budgets, seeds", [(3, 1), (4, 3), (6, 2), (8, 5)])
+def test_alpha_k_se_p_and_interval_equal_linregress_on_random_data(n_budgets, seeds):
+    rng = np.random.default_rng(100 * n_budgets + seeds)
+    for _ in range(5):
+        x = np.repeat(np.geomspace(1e9, 1e9 * rng.uniform(4, 64), n_budgets), seeds)
+        y = rng.uniform(20, 400) * (x / x.min()) ** rng.uniform(-0.5, 0.2) * np.exp(rng.normal(0, 0.1, x.size))
+        ref = stats.linregress(np.log(x / x.min()), np.log(y))
+        slope, intercept, se, (lo, hi), p = _straight_line_fit(x, y, 0.95)
+        law = fit_power_law(x, y)
+        assert law.alpha == pytest.approx(ref.slope, rel=1e-10) == pytest.approx(slope, rel=1e-10)
+        assert law.K == pytest.approx(math.exp(ref.intercept), rel=1e-10)
+        assert law.K == pytest.approx(math.exp(intercept), rel=1e-10)
+        assert law.alpha_se == pytest.approx(ref.stderr, rel=1e-9) == pytest.approx(se, rel=1e-9)
+        assert law.p_value == pytest.approx(ref.pvalue, rel=1e-7) == pytest.approx(p, rel=1e-7)
+        assert law.r == pytest.approx(ref.rvalue, abs=1e-12) and law.r2 == pytest.approx(ref.rvalue ** 2)
+        assert (law.alpha_lo, law.alpha_hi) == pytest.approx((lo, hi), rel=1e-9)
+        ninety = fit_power_law(x, y, level=0.90)
+        assert ninety.alpha_hi - ninety.alpha_lo < law.alpha_hi - law.alpha_lo
 
 
 def test_pearson_r_r2_and_p_value_against_scipy():
@@ -62,21 +97,31 @@ def test_pearson_r_r2_and_p_value_against_scipy():
     ss_res = np.sum((np.log(y) - pred) ** 2)
     ss_tot = np.sum((np.log(y) - np.log(y).mean()) ** 2)
     assert law.r2 == pytest.approx(1.0 - ss_res / ss_tot, abs=1e-12)
+    # three points by hand: ln x = 0, 1, 2 (x = 1, e, e^2), ln y = 0, 1, 3 -> slope 1.5, intercept -1/6,
+    # residuals 1/6, -1/3, 1/6, SSE = 1/6, Sxx = 2, se = sqrt(SSE / (n - 2) / Sxx) = sqrt(1/12)
+    three = fit_power_law(np.exp([0.0, 1.0, 2.0]), np.exp([0.0, 1.0, 3.0]))
+    assert three.alpha == pytest.approx(1.5) and three.K == pytest.approx(math.exp(-1 / 6))
+    assert three.alpha_se == pytest.approx(math.sqrt(1 / 12), rel=1e-12)
+    assert three.alpha_hi - three.alpha == pytest.approx(12.706204736 * math.sqrt(1 / 12), rel=1e-8)  # t_{1,.975}
 
 
-def test_bootstrap_is_seeded_and_covers_the_truth():
-    rng = np.random.default_rng(0)
-    x = np.geomspace(1.0, 64.0, 20)
-    hits = 0
-    for trial in range(40):
-        y = 100.0 * x ** -0.2 * np.exp(rng.normal(0.0, 0.05, x.size))
-        law = fit_power_law(x, y, bootstrap=500, seed=trial)
-        hits += law.alpha_lo <= -0.2 <= law.alpha_hi
-    assert hits >= 32                                         # a 95% interval: at least 80% of 40
-    y = 100.0 * x ** -0.2 * np.exp(rng.normal(0.0, 0.05, x.size))
-    a, b = fit_power_law(x, y, seed=3), fit_power_law(x, y, seed=3)
-    assert (a.alpha_lo, a.alpha_hi) == (b.alpha_lo, b.alpha_hi)
-    assert fit_power_law(x, y, seed=4).alpha_lo != a.alpha_lo
+def test_interval_covers_the_true_alpha_at_4_budgets_x_3_seeds():
+    """Synthetic study points, as the main study has them: 4 budgets over 16x, 3 seeds each, a known
+    alpha and the seed-to-seed noise measured on the digits (about 5%, issue 14). The 95% interval
+    must cover the truth in 90-99% of 400 draws (a binomial(400, 0.95) lies in 92.5-97.3% with
+    probability 0.999), and the 50% interval in 40-60%."""
+    rng = np.random.default_rng(2026)
+    x = np.repeat([1e10, 2e10, 4e10, 16e10], 3)
+    hits95 = hits50 = 0
+    draws = 400
+    for _ in range(draws):
+        y = 300.0 * (x / x[0]) ** -0.15 * np.exp(rng.normal(0.0, 0.05, x.size))
+        law = fit_power_law(x, y)
+        hits95 += law.alpha_lo <= -0.15 <= law.alpha_hi
+        half = fit_power_law(x, y, level=0.5)
+        hits50 += half.alpha_lo <= -0.15 <= half.alpha_hi
+    assert 0.90 * draws <= hits95 <= 0.99 * draws, hits95
+    assert 0.40 * draws <= hits50 <= 0.60 * draws, hits50
 
 
 def test_solve_and_degenerate_inputs():
@@ -102,7 +147,7 @@ def test_groups_matched_compute_and_target():
         for f in budgets:
             rows.append(("digits", "pixel_fd", method, 1, "unet-xs", f, K * (f / budgets[0]) ** alpha, f"{method}-{f:g}"))
     rows.append(("digits", "pixel_fd", "edm", 1, "unet-xs", 3e10, 25.0, "edm"))    # one point: no fit
-    fits, laws = fit_groups(_points(rows), kind="compute", x="flops", held="model", bootstrap=100)
+    fits, laws = fit_groups(_points(rows), kind="compute", x="flops", held="model")
     assert list(fits["method"]) == ["ect", "edm", "ict"]
     assert "two distinct x" in fits.set_index("method").loc["edm", "note"]
     assert fits.set_index("method").loc["ict", "alpha"] == pytest.approx(-0.5)
