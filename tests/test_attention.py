@@ -91,9 +91,21 @@ def test_xformers_with_cpu_tensors_is_an_error_even_if_cuda_exists(monkeypatch):
         attention(q, q, q, backend="xformers")
 
 
-def test_check_backend_accepts_available_ones():
-    check_backend("math")
-    check_backend("sdpa")
+def test_check_backend_accepts_exactly_the_backends_that_run_here():
+    """math and sdpa pass the check everywhere; every backend the check accepts computes attention here
+    (equal to math), and every one it refuses fails when called."""
+    q = torch.randn(1, 2, 5, 4)
+    accepted = []
+    for name in BACKENDS:
+        try:
+            check_backend(name)
+        except (ValueError, RuntimeError):
+            with pytest.raises((ValueError, RuntimeError)):
+                attention(q, q, q, backend=name)
+            continue
+        accepted.append(name)
+        torch.testing.assert_close(attention(q, q, q, backend=name), attention(q, q, q, backend="math"))
+    assert {"math", "sdpa"} <= set(accepted)
 
 
 def test_register_backend_refuses_duplicates_and_adds_new(monkeypatch):

@@ -9,7 +9,6 @@ from torch import nn
 
 from harness.config import ConfigError, compose
 from harness.nets import build_net, get_preset
-from harness.nets.layers import pixel_norm
 from methods.base import StepContext
 from methods.common import drop_labels
 from methods.scm import SCD, SCDConfig
@@ -146,17 +145,22 @@ def test_ddpmpp_double_norm_block_matches_the_formula():
 
 
 def test_unet_double_norm_block_matches_the_formula():
-    from harness.nets.layers import mp_silu, mp_sum, normalize
+    """sCM's double normalization on the EDM2 decoder block, written here with torch primitives only:
+    y = MP-SiLU(norm_c(conv0(MP-SiLU(x))) * pn(s) + pn(b)), out = MP-Sum(x, conv1(y), t)."""
     from harness.nets.unet import Block
     cfg = dataclasses.replace(get_preset("unet-xs"), double_norm=True)
     torch.manual_seed(0)
     block = Block(cfg, 16, 16, 32, 4, "dec")
     x, emb = _block_inputs(16, 32)
     assert not hasattr(block, "emb_gain")       # no unused parameter for DeepSpeed to choke on
+    silu = lambda v: nn.functional.silu(v) / 0.596                              # EDM2 config G, MP-SiLU
+    norm_c = lambda v: v / (1e-4 + v.norm(dim=1, keepdim=True) / v.shape[1] ** 0.5)    # EDM2, eps 1e-4
+    pn = lambda v: v / torch.sqrt(v.pow(2).mean(dim=1, keepdim=True) + 1e-8)       # PGGAN pixel norm
+    t = cfg.res_balance
     s, b = block.emb_linear(emb).chunk(2, dim=1)
-    y = block.conv_res0(mp_silu(x))
-    y = mp_silu(normalize(y, dim=1) * pixel_norm(s)[:, :, None, None] + pixel_norm(b)[:, :, None, None])
-    expected = mp_sum(x, block.conv_res1(y), t=cfg.res_balance)
+    y = block.conv_res0(silu(x))
+    y = silu(norm_c(y) * pn(s)[:, :, None, None] + pn(b)[:, :, None, None])
+    expected = ((1 - t) * x + t * block.conv_res1(y)) / ((1 - t) ** 2 + t**2) ** 0.5  # EDM2 MP-Sum
     torch.testing.assert_close(block(x, emb), expected)
 
 
