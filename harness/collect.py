@@ -14,7 +14,9 @@ writes under --out (default RESULTS_DIR/collected/):
     files.txt                the list of files written
 
 Only final-checkpoint scores enter the fits (a score whose step is the run's last step), one per run,
-metric and NFE: the best EMA's (`ema="best"`, the default) or a named EMA's. Same runs, same bytes.
+metric and NFE: the best EMA's (`ema="best"`, the default: chosen by the selection score of
+harness.eval.select where the runs have one, else by the score itself) or a named EMA's. Same runs,
+same bytes.
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ class CollectConfig:
     target: float | None = None      # score to reach in target.* (default: target_factor x best 2-step score)
     target_factor: float = 1.5       # default target = this x the best 2-step score of each data/metric
     compute: str = "flops"           # compute axis: flops (counted training FLOPs) | nimg (training images)
-    ema: str = "best"                # score per run: best (lowest over its EMAs) | an EMA name
+    ema: str = "best"                # per run: best (lowest selection score, else score, over EMAs) | a name
     level: float = 0.95              # confidence level of the t-interval on alpha
     plots: bool = True               # write plots/
 
@@ -64,8 +66,12 @@ def fit_points(df: pd.DataFrame, cfg: CollectConfig) -> pd.DataFrame:
     if cfg.metric is not None:
         pts = pts[pts["metric"] == cfg.metric]
     if cfg.ema == "best":
-        pts = pts.sort_values(["run", "metric", "nfe", "value", "ema"], kind="stable")
-        pts = pts.drop_duplicates(["run", "metric", "nfe"], keep="first")
+        # the EMA with the best selection score (harness.eval.select) where the run has one, so the choice
+        # never looks at the reported score; older runs without it fall back to the lowest reported score
+        pts = pts.assign(_choose=pd.to_numeric(pts.get("selection_value", pts["value"]), errors="coerce")
+                         .fillna(pts["value"]))
+        pts = pts.sort_values(["run", "metric", "nfe", "_choose", "ema"], kind="stable")
+        pts = pts.drop_duplicates(["run", "metric", "nfe"], keep="first").drop(columns="_choose")
     else:
         pts = pts[pts["ema"] == cfg.ema]
     return pts.sort_values(["data", "metric", "method", "nfe", "run"], kind="stable").reset_index(drop=True)

@@ -67,6 +67,11 @@ class EvalConfig:
     fid_mode: str = "clean"            # clean-fid mode: clean | legacy_tensorflow
     fid_reference: str = "auto"        # auto (registry, else train) | registry | train | heldout | custom:NAME | PATH.npz
     sw_projections: int = 256          # sliced Wasserstein: evenly spaced directions in [0, pi)
+    # The sampler protocol (harness.eval.select): score every (EMA, steps) on a selection set of training
+    # items too, and choose the 2-step mid-point there over one grid of EDM noise levels for every method.
+    selection: bool = False            # also score on the selection set (the collector picks EMAs by it)
+    selection_size: int = 0            # training items in the selection set (0 = as many as held out)
+    mid_sigma_grid: list[float] = field(default_factory=list)   # [] = each method's fixed mid_t (papers')
 
 
 @dataclass

@@ -1,8 +1,11 @@
-"""`python -m harness.evaluate RUN_DIR [--steps 1 2 0] [--num-samples N] [--metric M] [eval.KEY=VALUE ...]`
+"""`python -m harness.evaluate RUN_DIR [--steps 1 2 0] [--num-samples N] [--metric M] [eval.KEY=VALUE ...]
+[method.KEY=VALUE ...]`
 
 Scores a run's last checkpoint: every EMA (or the raw network when the run kept none), sampled with
-each of --steps sampler steps (0 = the method's own N), with the run's eval settings unless given
-here. Writes RUN_DIR/evaluate.json = {"scores": [...], "checkpoint": ..., ...} atomically and
+each of --steps sampler steps (0 = the method's own N), with the run's eval and method settings unless
+given here: e.g. `method.mid_t=[1.5]` re-scores with another 2-step mid-point, and
+`eval.selection=true 'eval.mid_sigma_grid=[0.1,0.2,0.4,0.8,1.6,3.2]'` chooses it on the selection set
+(harness.eval.select). Writes RUN_DIR/evaluate.json = {"scores": [...], "checkpoint": ..., ...} atomically and
 touches nothing else in the run directory. Exit status 2 on a bad RUN_DIR or option (one line).
 """
 from __future__ import annotations
@@ -49,18 +52,44 @@ def apply_options(cfg: DictConfig, args: argparse.Namespace) -> DictConfig:
         ecfg.num_samples = args.num_samples
     if args.metric is not None:
         ecfg.metric = args.metric
-    bad = [o for o in args.overrides if not o.startswith("eval.")]
+    bad = [o for o in args.overrides if not o.startswith(("eval.", "method."))]
     if bad:
-        raise EvaluateError(f"only eval.KEY=VALUE overrides apply here, got '{bad[0]}'")
+        raise EvaluateError(f"only eval.KEY=VALUE and method.KEY=VALUE (sampler settings such as "
+                            f"method.mid_t=[1.5]) overrides apply here, got '{bad[0]}'")
     parsed = _parse(args.overrides)
-    _check_keys(OmegaConf.create({"eval": OmegaConf.to_container(ecfg)}), parsed)
+    if any(o.key_or_group == "method.name" for o in parsed):
+        raise EvaluateError("method.name cannot change when re-scoring: the checkpoint is a "
+                            f"{cfg.method.name} run")
+    schema = _method_schema(cfg)
+    _check_keys(OmegaConf.create({"eval": OmegaConf.to_container(ecfg), "method": schema}), parsed)
     for o in parsed:
         OmegaConf.update(cfg, o.key_or_group, o.value(), merge=True)
     if any(s < 0 for s in ecfg.steps) or ecfg.num_samples < 2:
         raise EvaluateError(f"--steps must be >= 0 and --num-samples >= 2 (got {list(ecfg.steps)}, "
                             f"{ecfg.num_samples})")
     check_eval_config(ecfg, cfg.data.name)
+    _check_method(cfg)
     return cfg
+
+
+def _method_schema(cfg: DictConfig) -> dict:
+    import methods
+    try:
+        cls = methods.get(cfg.method.name)
+    except ValueError as exc:
+        raise EvaluateError(str(exc)) from None
+    return OmegaConf.to_container(OmegaConf.structured(cls.Config()))
+
+
+def _check_method(cfg: DictConfig) -> None:
+    """The method section, overrides included, passes the method's own check (one line)."""
+    import methods
+    cls = methods.get(cfg.method.name)
+    try:
+        method_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls.Config()), cfg.method))
+        cls.check_config(method_cfg)
+    except Exception as exc:
+        raise EvaluateError(f"method settings: {' '.join(str(exc).split())}") from None
 
 
 def load_networks(run_dir: Path, cfg: DictConfig, data, device):
@@ -142,8 +171,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=None, help="samples per score (default: the run's)")
     p.add_argument("--metric", choices=METRIC_NAMES, default=None, help="default: the run's eval.metric")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("overrides", nargs="*", help="eval.KEY=VALUE (e.g. eval.inception_path=..., eval.seed=1)")
-    return p.parse_intermixed_args(argv)
+    p.add_argument("overrides", nargs="*", help="eval.KEY=VALUE (e.g. eval.seed=1, eval.selection=true) or "
+                   "method.KEY=VALUE (e.g. method.mid_t=[1.5])")
+    # KEY=VALUE tokens are overrides wherever they stand (also right after --steps 1 2)
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    args = p.parse_intermixed_args([a for a in argv if a not in overrides])
+    args.overrides = [*args.overrides, *overrides]
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,6 +82,11 @@ class Method:
         """The method's own N for `eval.steps=[0]` (its paper's multistep setting)."""
         return 2
 
+    def time_of_sigma(self, sigma: float) -> float:
+        """This method's sampler time at which x = x0 + sigma z (EDM noise level sigma): the one unit of
+        the shared 2-step mid-point search (harness.eval.select). EDM time (t = sigma) by default."""
+        return float(sigma)
+
     @classmethod
     def check_config(cls, cfg) -> None:
         """Raise ValueError (one line) for a bad value; called before any work starts (by the config

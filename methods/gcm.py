@@ -193,6 +193,10 @@ class GCM(Method):
     def default_steps(self) -> int:
         return len(self.cfg.mid_t) + 1
 
+    def time_of_sigma(self, sigma: float) -> float:
+        # x_t = (1 - t) x0 + t noise_std z = (1 - t)(x0 + sigma z) with sigma = t noise_std / (1 - t) [G §2]
+        return sigma / (sigma + self.cfg.noise_std)
+
     def sample_times(self, steps: int) -> list[float]:
         """[tT, t1, ..., t0]: the paper's t1 = 0.6 for 2 steps, else evenly spaced in t (no paper grid)."""
         c = self.cfg

@@ -132,6 +132,9 @@ class SCM(Method):
     def default_steps(self) -> int:
         return len(self.cfg.mid_t) + 1
 
+    def time_of_sigma(self, sigma: float) -> float:
+        return math.atan(sigma / self.cfg.sigma_data)      # TrigFlow: sigma = sigma_d tan t [sCM §2]
+
     @torch.no_grad()
     def sample(self, net, noise, steps, class_labels=None, generator=None):
         """1 step from t_max = arctan(sigma_max/sigma_d); then re-noise x = cos s x0 + sin s z' [sCM §6]."""

@@ -261,3 +261,14 @@ def test_identical_across_processes(tmp_path, mixed):
         assert proc.returncode == 0, proc.stderr
         outs.append({p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()})
     assert len(outs[0]) >= 14 and outs[0] == outs[1]
+
+
+def test_best_ema_is_chosen_by_the_selection_score_not_the_reported_one():
+    rows = [dict(run="r", data="digits", metric="digits_fd", method="ect", nfe=2, step=10, train_steps=10,
+                 ema=ema, value=value, selection_value=sel) for ema, value, sel in
+            [("ema_std0.05", 1.0, 3.0), ("ema_std0.10", 2.0, 2.5)]]
+    # the lower reported score (0.05) loses: the selection set prefers 0.10
+    assert fit_points(pd.DataFrame(rows), CollectConfig())["ema"].tolist() == ["ema_std0.10"]
+    # runs scored before the selection protocol: the lowest score, as before
+    old = pd.DataFrame([{k: v for k, v in r.items() if k != "selection_value"} for r in rows])
+    assert fit_points(old, CollectConfig())["ema"].tolist() == ["ema_std0.05"]

@@ -377,3 +377,45 @@ def test_training_with_missing_inception_fails_before_any_step(tmp_path):
     assert result["status"].startswith("failed: MetricError: FID needs clean-fid's Inception weights")
     assert "eval.inception_path" in result["status"] and "\n" not in result["status"]
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_ect_run(tmp_path_factory, cache_dir, classifier):
+    from harness.train import run
+    run_dir = tmp_path_factory.mktemp("evalrun") / "ect"
+    result = run(compose(["data=digits", "model=unet-xs", "method=ect", "trainer.batch_size=32", "trainer.threads=1",
+                          "trainer.steps=2", "eval.at_end=false", f"eval.cache_dir={cache_dir}",
+                          f"run_dir={run_dir}"]))
+    assert result["status"] == "completed", result.get("traceback")
+    return run_dir
+
+
+def test_evaluate_cli_rescores_with_a_sampler_setting_and_with_the_search(tiny_ect_run, capsys):
+    from harness.evaluate import main
+    run_dir = tiny_ect_run
+    assert main([str(run_dir), "--num-samples", "60", "--steps", "2", "method.mid_t=[1.5]"]) == 0
+    (fixed,) = json.loads((run_dir / "evaluate.json").read_text())["scores"]
+    assert fixed["mid_t"] == [1.5] and "selection_value" not in fixed
+    assert main([str(run_dir), "--num-samples", "60", "--steps", "1", "2", "eval.selection=true",
+                 "eval.mid_sigma_grid=[0.4,1.5]"]) == 0
+    one, two = json.loads((run_dir / "evaluate.json").read_text())["scores"]
+    assert two["mid_sigma"] in (0.4, 1.5) and two["mid_t"] == [two["mid_sigma"]]      # ECT: t = sigma
+    assert two["selection_value"] == min(two["mid_sigma_tried"]) and len(two["mid_sigma_tried"]) == 2
+    assert math.isfinite(one["selection_value"]) and "mid_t" not in one
+    if two["mid_sigma"] == 1.5:                                 # the chosen mid-point reproduces its score
+        assert two["value"] == pytest.approx(fixed["value"], rel=1e-9)
+
+
+@pytest.mark.parametrize("override,text", [
+    ("method.nope=1", "unknown config key 'method.nope'; valid keys in method: name, "),
+    ("method.name=ct", "method.name cannot change when re-scoring: the checkpoint is a ect run"),
+    ("trainer.lr=1", "only eval.KEY=VALUE and method.KEY=VALUE"),
+    ("eval.mid_sigma_grid=[1.0]", "eval.mid_sigma_grid needs eval.selection=true"),
+])
+def test_evaluate_cli_refuses_bad_overrides_in_one_line(tiny_ect_run, capsys, override, text):
+    from harness.evaluate import main
+    before = _snapshot(tiny_ect_run)
+    assert main([str(tiny_ect_run), override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and text in err
+    assert _snapshot(tiny_ect_run) == before

@@ -64,6 +64,15 @@ def check_eval_config(ecfg, data_name: str) -> None:
                           f"custom:NAME (clean-fid custom statistics) or a path to an .npz with mu and sigma")
     if ecfg.sw_projections < 1:
         raise MetricError(f"eval.sw_projections must be >= 1, got {ecfg.sw_projections}")
+    grid = list(getattr(ecfg, "mid_sigma_grid", []) or [])
+    if grid and not getattr(ecfg, "selection", False):
+        raise MetricError("eval.mid_sigma_grid needs eval.selection=true: the mid-point is chosen on the "
+                          "selection set, never on the reported one")
+    if any(not (isinstance(v, (int, float)) and 0 < v < float("inf")) for v in grid):
+        raise MetricError(f"eval.mid_sigma_grid must hold positive finite EDM noise levels, got {grid}")
+    if getattr(ecfg, "selection_size", 0) < 0 or getattr(ecfg, "selection_size", 0) == 1:
+        raise MetricError(f"eval.selection_size must be 0 (as many as held out) or >= 2, "
+                          f"got {ecfg.selection_size}")
 
 
 def training_subset(data, num: int, xflip: bool = False) -> torch.Tensor:
@@ -83,7 +92,15 @@ class Metric:
         self.ecfg, self.data, self.device, self.data_cfg = ecfg, data, torch.device(device), data_cfg
         self.floor = float("nan")
         self._prepared = False
+        self._selection: Metric | None = None
         self._check()
+
+    def selection(self) -> Metric:
+        """The same metric against the selection set (harness.eval.select), built once."""
+        if self._selection is None:
+            from harness.eval.select import build_selection_metric
+            self._selection = build_selection_metric(self.ecfg, self.data, self.device, self.data_cfg)
+        return self._selection
 
     def _check(self) -> None:
         """Cheap checks (files, held-out set) at construction, so a run fails before it trains."""
@@ -169,4 +186,7 @@ def build_metric(ecfg, data, device="cpu", data_cfg=None, metric: str | None = N
     """The metric for `data` (eval.metric unless `metric` is given; `data_cfg` keys cached reference
     statistics to the data source); missing files fail here, in one line, before any sampling."""
     name = resolve_metric(metric or ecfg.metric, data.name)
-    return metric_classes()[name](ecfg, data, device, data_cfg)
+    built = metric_classes()[name](ecfg, data, device, data_cfg)
+    if getattr(ecfg, "selection", False):
+        built.selection()                        # a selection set that cannot be built fails now too
+    return built
