@@ -1,4 +1,4 @@
-"""Collector speed: `harness.collect` over 10,000 synthetic run directories (target: under 30 s).
+"""Collector speed: `harness.analysis.collect` over 10,000 synthetic run directories (target: under 30 s).
 
     python benchmarks/collect.py [--runs 10000] [--dir DIR]
 
@@ -25,8 +25,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 from synthetic_runs import score, write_run  # noqa: E402
 
-from harness.collect import collect  # noqa: E402
-from harness.runs import load_runs  # noqa: E402
+from harness.analysis.collect import collect  # noqa: E402
+from harness.analysis.runs import load_runs  # noqa: E402
 
 OUT = REPO / "results" / "bench" / "collect.json"
 METHODS = {"ect": (40.0, -0.30), "ict": (60.0, -0.25), "ct": (70.0, -0.20), "sct": (45.0, -0.28),

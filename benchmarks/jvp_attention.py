@@ -29,7 +29,7 @@ def _inputs(n: int, heads: int, dim: int):
 
 
 def _call(backend: str, tensors):
-    from harness.attention import attention
+    from harness.nets.attention import attention
     q, k, v, tq, tk, tv = tensors
     with torch.no_grad():
         return torch.func.jvp(lambda a, b, c: attention(a, b, c, backend), (q, k, v), (tq, tk, tv))

@@ -71,7 +71,7 @@ def _overrides(config: str, key: str, teacher_dir: str | None, steps: int) -> li
 def _teacher(config: str, method: str, root: Path) -> str:
     """A finished 1-step run of `method` on the benchmark network, for distillation students."""
     from harness.config import compose
-    from harness.train import run
+    from harness.train.cli import run
     run_dir = root / f"teacher-{config}-{method}"
     cfg = compose([*SHARED, *CONFIGS[config], f"method={method}", "trainer.steps=1", f"run_dir={run_dir}"])
     if run(cfg)["status"] != "completed":
@@ -80,10 +80,10 @@ def _teacher(config: str, method: str, root: Path) -> str:
 
 
 def _trainer(config: str, key: str, root: Path, steps: int, teachers: dict[str, str], tag: str = "time"):
-    from harness import engine as eng
+    from harness.train import engine as eng
     from harness.config import compose
-    from harness.rundir import RunDir
-    from harness.trainer import Trainer
+    from harness.train.rundir import RunDir
+    from harness.train.trainer import Trainer
     teacher = METHODS[key].get("teacher")
     cfg = compose([*_overrides(config, key, teachers.get(teacher) if teacher else None, steps),
                    f"run_dir={root / f'{config}-{key}-{tag}'}"])

@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 
 import methods
-from harness import engine as eng
+from harness.train import engine as eng
 from harness.config import compose
-from harness.engine import make_optimizer
+from harness.train.engine import make_optimizer
 from harness.nets import build_net
-from harness.rundir import RunDir
-from harness.seeding import seed_step
-from harness.trainer import Trainer, method_config
+from harness.train.rundir import RunDir
+from harness.train.seeding import seed_step
+from harness.train.trainer import Trainer, method_config
 from methods.base import StepContext
 
 OUT = Path(__file__).resolve().parent.parent / "results" / "bench" / "trainer_overhead.json"

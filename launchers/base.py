@@ -34,12 +34,12 @@ def execute(spec: RunSpec) -> dict:
 
     Returns the run's result.json content (a run that already completed returns it at once)."""
     from harness.config import compose
-    from harness.train import run
+    from harness.train.cli import run
 
     return run(compose(list(spec.overrides)))
 
 
-# torch.distributed's rendezvous variables. A lone run's harness.engine.setup_distributed writes them into
+# torch.distributed's rendezvous variables. A lone run's harness.train.engine.setup_distributed writes them into
 # its process's environment; a process started from it (a worker, a SLURM job) must not inherit them.
 RENDEZVOUS_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 

@@ -62,8 +62,8 @@ def _worker(index: int, tasks, results, threads: int, parent_pid: int, log_dir: 
     import torch
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import deepspeed  # noqa: F401  (imported once here, not once per run)
-    import harness.train  # noqa: F401
-    from harness.rundir import first_line
+    import harness.train.cli  # noqa: F401
+    from harness.train.rundir import first_line
     results.put(("ready", index, "", ""))
     while True:
         spec = tasks.get()

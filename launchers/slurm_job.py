@@ -31,7 +31,7 @@ def _record_failure(spec: RunSpec, status: str, trace: str) -> None:
     holding another config) gets a result.json saying so, unless the directory already has an end state."""
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    from harness.rundir import RunDir
+    from harness.train.rundir import RunDir
     run_dir = RunDir(spec.run_dir)
     previous = run_dir.read_json("result.json") or {}
     if _is_end(str(previous.get("status", ""))):
@@ -43,7 +43,7 @@ def _record_failure(spec: RunSpec, status: str, trace: str) -> None:
 def run_one(spec: RunSpec, log_dir: str = "") -> str:
     """Train (or resume, or return) one run; its end status. Only a signal's SystemExit escapes.
     Rank 0 also logs the run to `<log_dir>/<run_id>.log` (the task's own log holds every run)."""
-    from harness.rundir import first_line
+    from harness.train.rundir import first_line
     handler = None
     if log_dir and int(os.environ.get("RANK", "0")) == 0:
         Path(log_dir).mkdir(parents=True, exist_ok=True)
@@ -86,7 +86,7 @@ class RunTask(submitit.helpers.Checkpointable):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
         logging.getLogger().setLevel(logging.INFO)       # basicConfig is a no-op where a handler exists
         if self.world_size > 1:
-            # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT for harness.engine.setup_distributed; devices
+            # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT for harness.train.engine.setup_distributed; devices
             # stay visible so each rank takes cuda:LOCAL_RANK
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
                                                                    overwrite=True)

@@ -35,7 +35,7 @@ E2E_COMMON = ["data=digits", "model=unet-xs", "trainer.optimizer=adam", "trainer
 
 def _teacher_run(tmp_path_factory, method: str, *extra: str):
     from harness.config import compose
-    from harness.train import run
+    from harness.train.cli import run
     run_dir = tmp_path_factory.mktemp("e2e") / method
     result = run(compose([*E2E_COMMON, f"method={method}", "trainer.steps=600", "trainer.lr=3e-3",
                           "trainer.lr_schedule=inverse_sqrt", "trainer.lr_ref_steps=300",

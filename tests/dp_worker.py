@@ -10,7 +10,7 @@ import torch
 
 import methods
 from harness.config import compose
-from harness.train import run
+from harness.train.cli import run
 from methods.base import Method
 from methods.parameterization import EDMParam
 

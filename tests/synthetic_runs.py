@@ -1,4 +1,4 @@
-"""Synthetic run directories in harness.rundir's layout, for the collector's tests and benchmark.
+"""Synthetic run directories in harness.train.rundir's layout, for the collector's tests and benchmark.
 
 The files mirror what `python -m harness.train method=ect model=unet-xs data=digits trainer.steps=20
 eval.num_samples=100` writes (config.yaml from OmegaConf.to_yaml, result.json / derived.json with

@@ -1,4 +1,4 @@
-"""harness.attention: backends agree with an independent reference; bad names and unavailable
+"""harness.nets.attention: backends agree with an independent reference; bad names and unavailable
 backends fail loudly."""
 
 import math
@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from harness import attention as attn_mod
-from harness.attention import BACKENDS, attention, check_backend, register_backend
+from harness.nets import attention as attn_mod
+from harness.nets.attention import BACKENDS, attention, check_backend, register_backend
 
 
 def reference(q, k, v):

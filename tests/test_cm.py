@@ -332,8 +332,8 @@ def test_cd_teacher_on_other_data_is_refused_before_training(tmp_path):
     import sys
     from pathlib import Path
 
-    from harness.rundir import RunDir
-    from harness.trainer import check_source_run
+    from harness.train.rundir import RunDir
+    from harness.train.trainer import check_source_run
     teacher_dir = tmp_path / "teacher"
     source = RunDir(teacher_dir)
     source.prepare(compose(["method=edm", "data=swissroll", "model=mlp-xs", f"run_dir={teacher_dir}"]))

@@ -1,4 +1,4 @@
-"""The collector (harness.collect, harness.runs): completed, failed, half-written and garbage runs; fits
+"""The collector (harness.analysis.collect, harness.analysis.runs): completed, failed, half-written and garbage runs; fits
 from synthetic runs; identical files twice; the CLI's errors."""
 import math
 import subprocess
@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from harness.collect import CollectConfig, collect, fit_points, load_runs, main
-from harness.runs import flatten
+from harness.analysis.collect import CollectConfig, collect, fit_points, load_runs, main
+from harness.analysis.runs import flatten
 from synthetic_runs import CONFIG, score, write_run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -200,7 +200,7 @@ def test_yaml_subset_reads_real_configs_exactly(overrides, tmp_path):
     import yaml
     from omegaconf import OmegaConf
 
-    from harness import yaml_subset
+    from harness.analysis import yaml_subset
     from harness.config import compose
     text = OmegaConf.to_yaml(compose([*overrides, f"run_dir={tmp_path}"]), resolve=True)
     fast = yaml_subset.load(text)
@@ -217,7 +217,7 @@ def test_yaml_subset_agrees_or_falls_back(tree, fast):
     import yaml
     from omegaconf import OmegaConf
 
-    from harness import yaml_subset
+    from harness.analysis import yaml_subset
     text = OmegaConf.to_yaml(OmegaConf.create(tree))
     got = yaml_subset.load(text)
     assert (got is not None) == fast
@@ -231,7 +231,7 @@ def test_collects_a_real_training_run(compose_run, tmp_path):
     """A real (tiny) run directory: the collector's rows are its result.json."""
     import json
 
-    from harness.train import run
+    from harness.train.cli import run
     cfg = compose_run("method=ect", "trainer.steps=4", "eval.at_end=true", "eval.num_samples=50",
                       "eval.grid=false", run_dir="runs/ect-real")
     result = run(cfg)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import checkpoint
+from harness.train import checkpoint
 
 WORKER = Path(__file__).with_name("dp_worker.py")
 ROOT = WORKER.parent.parent

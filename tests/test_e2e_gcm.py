@@ -11,7 +11,7 @@ import math
 import pytest
 
 from harness.config import compose
-from harness.train import run
+from harness.train.cli import run
 
 STEPS = 600
 COMMON = ["data=digits", "model=unet-xs", "method=gcm", "trainer.optimizer=adam", "trainer.lr=3e-3",

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from harness.config import compose
-from harness.train import run
+from harness.train.cli import run
 from tests.test_end_to_end import COMMON, _evals, _rows     # the `teacher` fixture is in conftest (session)
 
 

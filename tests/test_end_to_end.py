@@ -10,7 +10,7 @@ import math
 import pytest
 
 from harness.config import compose
-from harness.train import run
+from harness.train.cli import run
 
 from tests.conftest import E2E_COMMON as COMMON   # the teachers (`teacher`, `trigflow_teacher`) are in conftest
 

@@ -307,7 +307,7 @@ def test_bad_eval_config_is_refused_at_compose(override, text):
 # -- python -m harness.evaluate -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, cache_dir, classifier):
-    from harness.train import run
+    from harness.train.cli import run
     run_dir = tmp_path_factory.mktemp("evalrun") / "edm"
     result = run(compose(["data=digits", "model=unet-xs", "method=edm", "trainer.batch_size=32", "trainer.threads=1",
                           "trainer.steps=3", "eval.num_samples=100", "eval.steps=[1]", "eval.grid=false",
@@ -330,7 +330,7 @@ def _snapshot(run_dir):
 
 
 def test_evaluate_cli_writes_evaluate_json_only(tiny_run, capsys):
-    from harness.evaluate import main
+    from harness.eval.evaluate import main
     run_dir, result = tiny_run
     before = _snapshot(run_dir)
     assert main([str(run_dir), "--num-samples", "60", "--steps", "1", "2", "0"]) == 0
@@ -351,7 +351,7 @@ def test_evaluate_cli_writes_evaluate_json_only(tiny_run, capsys):
 
 
 def test_evaluate_cli_refuses_missing_inception_before_sampling(tiny_run, capsys, tmp_path):
-    from harness.evaluate import main
+    from harness.eval.evaluate import main
     run_dir, _ = tiny_run
     assert main([str(run_dir), "--metric", "fid", f"eval.inception_path={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip()
@@ -359,7 +359,7 @@ def test_evaluate_cli_refuses_missing_inception_before_sampling(tiny_run, capsys
 
 
 def test_evaluate_cli_bad_run_dir(tmp_path, capsys):
-    from harness.evaluate import main
+    from harness.eval.evaluate import main
     assert main([str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
@@ -370,7 +370,7 @@ def test_evaluate_cli_bad_run_dir(tmp_path, capsys):
 
 
 def test_training_with_missing_inception_fails_before_any_step(tmp_path):
-    from harness.train import run
+    from harness.train.cli import run
     run_dir = tmp_path / "run"
     result = run(compose(["data=digits", "model=unet-xs", "trainer.steps=2", "eval.metric=fid",
                           f"eval.inception_path={tmp_path}", f"run_dir={run_dir}"]))
@@ -381,7 +381,7 @@ def test_training_with_missing_inception_fails_before_any_step(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_ect_run(tmp_path_factory, cache_dir, classifier):
-    from harness.train import run
+    from harness.train.cli import run
     run_dir = tmp_path_factory.mktemp("evalrun") / "ect"
     result = run(compose(["data=digits", "model=unet-xs", "method=ect", "trainer.batch_size=32", "trainer.threads=1",
                           "trainer.steps=2", "eval.at_end=false", f"eval.cache_dir={cache_dir}",
@@ -391,7 +391,7 @@ def tiny_ect_run(tmp_path_factory, cache_dir, classifier):
 
 
 def test_evaluate_cli_rescores_with_a_sampler_setting_and_with_the_search(tiny_ect_run, capsys):
-    from harness.evaluate import main
+    from harness.eval.evaluate import main
     run_dir = tiny_ect_run
     assert main([str(run_dir), "--num-samples", "60", "--steps", "2", "method.mid_t=[1.5]"]) == 0
     (fixed,) = json.loads((run_dir / "evaluate.json").read_text())["scores"]
@@ -413,7 +413,7 @@ def test_evaluate_cli_rescores_with_a_sampler_setting_and_with_the_search(tiny_e
     ("eval.mid_sigma_grid=[1.0]", "eval.mid_sigma_grid needs eval.selection=true"),
 ])
 def test_evaluate_cli_refuses_bad_overrides_in_one_line(tiny_ect_run, capsys, override, text):
-    from harness.evaluate import main
+    from harness.eval.evaluate import main
     before = _snapshot(tiny_ect_run)
     assert main([str(tiny_ect_run), override]) == 2
     err = capsys.readouterr().err.strip()

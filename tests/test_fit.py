@@ -1,4 +1,4 @@
-"""Power-law fits (harness.fit): ECT's six points, scipy.stats.linregress on random data, the t-interval's
+"""Power-law fits (harness.analysis.fit): ECT's six points, scipy.stats.linregress on random data, the t-interval's
 coverage at the study's n (4 budgets x 3 seeds), matched compute and compute-to-target."""
 import math
 
@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from harness.fit import FitError, compute_to_target, fit_groups, fit_power_law, matched_compute
+from harness.analysis.fit import FitError, compute_to_target, fit_groups, fit_power_law, matched_compute
 
 # specs/ect_sct.md 3.12: 1-step K = 263, alpha = -0.060; 2-step K = 164, alpha = -0.028; C = 2^0 .. 2^5
 ECT_C = [1, 2, 4, 8, 16, 32]

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.func import jvp
 
-from harness.attention import attention
-from harness.jvp_attention import attention_jvp_blockwise
+from harness.nets.attention import attention
+from harness.nets.jvp_attention import attention_jvp_blockwise
 from tests.test_nets import WITH_ATTENTION, inputs, make, perturb
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from harness import attention as attn_mod
+from harness.nets import attention as attn_mod
 from harness.nets import ARCHS, MODEL_PRESETS, build_net, count_params, get_preset
 from harness.nets.layers import ARCH_NAMES
 

@@ -6,8 +6,8 @@ import re
 import pytest
 import yaml
 
-from harness import tables
-from harness.reference import PAPERS, REFERENCE_DIR, ReferenceError, cell_values, load_table, load_tables
+from harness.analysis import tables
+from harness.analysis.reference import PAPERS, REFERENCE_DIR, ReferenceError, cell_values, load_table, load_tables
 
 TABLES = {t.name: t for t in load_tables()}
 S12 = ("1-step", "2-step")
@@ -327,7 +327,7 @@ def test_bad_reference_file_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
     (tmp_path / "ect_x.yaml").write_text(yaml.safe_dump({**GOOD, "order": "first"}))
     monkeypatch.setattr(tables, "load_tables", lambda paper: load_tables(paper, tmp_path))
     assert tables.main(["--paper", "ect"]) == 2
-    assert capsys.readouterr().err.strip() == "harness.tables: ect_x.yaml: order: must be an integer (position of the table in its paper)"
+    assert capsys.readouterr().err.strip() == "harness.analysis.tables: ect_x.yaml: order: must be an integer (position of the table in its paper)"
 
 
 def test_every_reference_file_loads_and_is_named_by_paper():

@@ -98,7 +98,7 @@ def test_guidance_config_errors():
 
 
 def _finished_run(tmp_path, name, method, *extra):
-    from harness.train import run
+    from harness.train.cli import run
     cfg = compose([f"method={method}", "data=digits", "model=unet-xs", "trainer.steps=2", "trainer.batch_size=8",
                    "trainer.threads=1", "eval.at_end=false", *extra, f"run_dir={tmp_path / name}"])
     assert run(cfg)["status"] == "completed"
@@ -106,7 +106,7 @@ def _finished_run(tmp_path, name, method, *extra):
 
 
 def test_a_teacher_of_the_wrong_method_is_refused_before_any_work(tmp_path, capsys):
-    from harness.train import main
+    from harness.train.cli import main
     edm = _finished_run(tmp_path, "edm", "edm")
     rc = main(["method=scd", "model=unet-xs", "model.logvar=true", f"teacher={edm}",
                f"run_dir={tmp_path / 'student'}"])

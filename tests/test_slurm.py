@@ -278,7 +278,7 @@ def test_timeout_requeues_and_resumes_to_the_same_weights(cluster, tmp_path):
 def test_sweep_driver_on_slurm_matches_local_launcher(cluster, tmp_path, monkeypatch):
     """`python -m harness.sweep SPEC launcher=slurm`: option names pass the spec check, two students
     share one array task (runs_per_task), and every result equals the local launcher's."""
-    from harness.sweep import main as sweep
+    from harness.sweep.driver import main as sweep
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)   # left by execute() in this process; local workers inherit them
     spec = {"name": "tiny", "base": [*TINY, "trainer.lr=1e-3"], "grid": {"budget_nimg": [640, 960]},

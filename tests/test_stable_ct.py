@@ -237,7 +237,7 @@ def test_trainer_hands_the_training_set_to_the_bank(compose_run, tmp_path):
     trainer's attach_data hook) and every sample's weights spread over same-class bank images."""
     import json
 
-    from harness.train import run
+    from harness.train.cli import run
     cfg = compose_run("method=stable_ct", "method.reference=bank", "method.bank_chunk=500",
                       "data.class_conditional=true", "method.p_mean=1.0", "method.p_std=0.1",
                       "trainer.steps=3", "trainer.log_every_steps=1")

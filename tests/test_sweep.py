@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from harness.sweep import initial_status, main
-from harness.sweepspec import SpecError, expand, load_spec, parse_spec
+from harness.sweep.driver import initial_status, main
+from harness.sweep.spec import SpecError, expand, load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,7 +79,7 @@ def test_cached_composition_equals_compose(tmp_path):
     from omegaconf import OmegaConf
 
     from harness.config import ConfigError, compose
-    from harness.sweep_compose import compose_cached
+    from harness.sweep.compose import compose_cached
     cache: dict = {}
     runs = [["method=ect", "model=unet-xs", "seed=1", "trainer.lr=1e-3", "eval.steps=[1,2]"],
             ["method=ect", "model=unet-xs", "seed=2", "trainer.lr=3e-3", "eval.steps=[1]"],
@@ -310,7 +310,7 @@ def test_failed_teacher_fails_its_students_without_running_them(tmp_path):
 def test_status_board_plain_and_tty(tmp_path):
     import io
 
-    from harness.sweep_status import StatusBoard, progress_line
+    from harness.sweep.status import StatusBoard, progress_line
     _, runs = _expand(tmp_path, edits=["grid.model=[unet-xs]", "grid.seed=[0]", "grid.budget_nimg=[640]"])
     status = {r.run_id: "queued" for r in runs}
     plain = io.StringIO()

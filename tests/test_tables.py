@@ -1,4 +1,4 @@
-"""harness.tables: the ECT CIFAR-10 table printed in the paper's order, bold and footnote marks,
+"""harness.analysis.tables: the ECT CIFAR-10 table printed in the paper's order, bold and footnote marks,
 LaTeX shape, errors, and the cmbench columns from a collector DataFrame."""
 
 import json
@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from harness import tables
-from harness.reference import PAPERS, cell_values, load_tables
+from harness.analysis import tables
+from harness.analysis.reference import PAPERS, cell_values, load_tables
 
 TABLES = {t.name: t for t in load_tables()}
 
@@ -69,7 +69,7 @@ def test_bold_and_footnote_marks_are_printed(capsys):
 def test_unknown_paper_is_one_line_exit_2(capsys):
     assert tables.main(["--paper", "edm"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "harness.tables: unknown --paper 'edm'; valid: ect, sct, scm, gcm, cm, all"
+    assert err == "harness.analysis.tables: unknown --paper 'edm'; valid: ect, sct, scm, gcm, cm, all"
 
 
 def _latex_strip(text: str) -> str:
@@ -161,16 +161,16 @@ def test_measured_columns_per_nfe_and_filters():
 
 
 def test_runs_option_through_a_stub_collector(tmp_path, monkeypatch, capsys):
-    stub = types.ModuleType("harness.collect")
+    stub = types.ModuleType("harness.analysis.collect")
     stub.load_runs = lambda root: (synthetic_df(), [])
-    monkeypatch.setitem(sys.modules, "harness.collect", stub)
+    monkeypatch.setitem(sys.modules, "harness.analysis.collect", stub)
     assert tables.main(["--paper", "ect", "--runs", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     rows = _md_rows(_section(out, "ECT Table 1: CIFAR-10 (unconditional)"))
     assert rows[0][-1] == "cmbench fid" and rows[20][1:] == ["ECM (400k iters)", "2.11", "2", "3.00"]
     assert "_cmbench runs with no matching paper table: digits/digits_fd, imagenet64/fid_" in out  # ECT's ImageNet: cond
     assert tables.main(["--paper", "ect", "--runs", str(tmp_path / "nope")]) == 2
-    assert capsys.readouterr().err.strip() == f"harness.tables: --runs: '{tmp_path / 'nope'}' is not a directory of run directories"
+    assert capsys.readouterr().err.strip() == f"harness.analysis.tables: --runs: '{tmp_path / 'nope'}' is not a directory of run directories"
 
 
 def _run_dir(root: Path, name: str, method: str, scores: list[tuple[int, float]], status="completed", variant=None):
@@ -185,7 +185,7 @@ def _run_dir(root: Path, name: str, method: str, scores: list[tuple[int, float]]
 
 
 def test_runs_option_with_the_collector_on_run_directories(tmp_path, capsys):
-    pytest.importorskip("harness.collect", reason="harness.collect.load_runs not written yet")
+    pytest.importorskip("harness.analysis.collect", reason="harness.analysis.collect.load_runs not written yet")
     _run_dir(tmp_path, "ect-a", "ect", [(1, 4.25), (2, 2.5)])
     _run_dir(tmp_path, "gcm-vu", "gcm", [(1, 3.125), (2, 2.75)], variant="vu")
     _run_dir(tmp_path, "ict-failed", "ict", [(1, 1.0)], status="failed: out of memory")

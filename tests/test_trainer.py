@@ -9,12 +9,12 @@ import torch
 from torch import nn
 
 import methods
-from harness import checkpoint
-from harness.ema import EMA, std_to_exp
-from harness.engine import lr_factor, setup_distributed
-from harness.seeding import EpochSampler
-from harness.train import run
-from harness.trainer import Trainer
+from harness.train import checkpoint
+from harness.train.ema import EMA, std_to_exp
+from harness.train.engine import lr_factor, setup_distributed
+from harness.train.seeding import EpochSampler
+from harness.train.cli import run
+from harness.train.trainer import Trainer
 from methods.base import Method
 from methods.ect import ECTConfig
 
@@ -68,7 +68,7 @@ def test_exact_resume_is_bitwise(method, compose_run, monkeypatch, tmp_path):
             assert torch.equal(h_a["emas"][ema][key], h_b["emas"][ema][key]), (ema, key)
     assert h_a["counters"]["flops_total"] == h_b["counters"]["flops_total"] > 0
     # metrics.jsonl reads as one run: each logged step once
-    steps = [r["step"] for r in __import__("harness.rundir", fromlist=["RunDir"]).RunDir(tmp_path / "resumed").read_metrics()]
+    steps = [r["step"] for r in __import__("harness.train.rundir", fromlist=["RunDir"]).RunDir(tmp_path / "resumed").read_metrics()]
     assert steps == sorted(set(steps))
 
 
@@ -85,8 +85,8 @@ def test_corrupt_newest_checkpoint_falls_back(compose_run, tmp_path, caplog):
     ckpts = checkpoint.list_checkpoints(tmp_path / "run")
     assert [p.name for p in ckpts] == ["step-0000004", "step-0000002"]
     (ckpts[0] / "harness.pt").write_bytes(b"not a checkpoint")
-    from harness import engine as eng
-    from harness.rundir import RunDir
+    from harness.train import engine as eng
+    from harness.train.rundir import RunDir
     trainer = Trainer(cfg, RunDir(tmp_path / "run"), eng.setup_distributed("cpu"))
     with caplog.at_level(logging.WARNING):
         assert trainer.resume()

@@ -7,17 +7,17 @@ import math
 import pytest
 import torch
 
-from harness import checkpoint
+from harness.train import checkpoint
 from harness.config import compose
-from harness.train import run
-from harness.trainer import Trainer
+from harness.train.cli import run
+from harness.train.trainer import Trainer
 
 STEPS = 5
 KEEP = 2                # keep_checkpoints; STEPS checkpoints are written (one per step), so STEPS > KEEP
 # Traditional EMA p_ema <- beta p_ema + (1 - beta) p [ECT App. C; spec ect_sct.md 3.5]; 0.9 and 0.5 are short
 # enough to move visibly within STEPS steps.
 BETAS = (0.9, 0.5)
-# EDM2 power-function EMAs by sigma_rel: 0.05 is the trainer default (harness/config.py); 0.2 gives gamma ~ 1.8,
+# EDM2 power-function EMAs by sigma_rel: 0.05 is the trainer default (harness/config/__init__.py); 0.2 gives gamma ~ 1.8,
 # where beta_t = (1 - 1/t)^(gamma + 1) is far from 0 at t = 2..5, so the exponent shows in a 5-step run.
 STDS = (0.05, 0.2)
 NAMES = {"ema_beta0.9", "ema_beta0.5", "ema_std0.05", "ema_std0.2"}

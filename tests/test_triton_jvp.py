@@ -14,8 +14,8 @@ ENV = {**os.environ, "TRITON_INTERPRET": "1"}
 
 CHECK = r"""
 import json, math, torch
-from harness.jvp_attention import attention_jvp_blockwise
-from harness.triton_jvp_attention import attention_jvp_triton
+from harness.nets.jvp_attention import attention_jvp_blockwise
+from harness.nets.triton_jvp_attention import attention_jvp_triton
 out = []
 for b, h, n, d, bm, bn in [(1, 1, 1, 8, 32, 32), (2, 3, 33, 16, 32, 32), (1, 2, 64, 64, 16, 32), (2, 2, 70, 24, 32, 16)]:
     g = torch.Generator().manual_seed(n)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.attention import attention
+from harness.nets.attention import attention
 from harness.nets.layers import (
     Dropout,
     Linear,

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.attention import BACKENDS
+from harness.nets.attention import BACKENDS
 
 ARCH_NAMES = ("unet", "ddpmpp", "dit", "mlp")
 
@@ -29,7 +29,7 @@ class NetConfig:
     name: str = ""  # preset name, e.g. "unet-s"
     arch: str = ""  # one of ARCH_NAMES; fixed by each subclass
     dropout: float = 0.0  # dropout probability (nn.Dropout: global torch RNG, replayable)
-    attention: str = "sdpa"  # backend name in harness.attention.BACKENDS
+    attention: str = "sdpa"  # backend name in harness.nets.attention.BACKENDS
     logvar: bool = False  # learned log-variance head u(c_noise) (EDM2 config B loss weighting)
     extra_cond_dim: int = 0  # extra scalar conditioning inputs (GCM's s, sCD's guidance scale)
 

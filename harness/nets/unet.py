@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from harness.attention import attention
+from harness.nets.attention import attention
 from harness.nets.layers import (
     Dropout,
     MPConv,

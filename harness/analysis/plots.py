@@ -14,7 +14,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
-from harness.fit import PowerLaw  # noqa: E402
+from harness.analysis.fit import PowerLaw  # noqa: E402
 
 _METADATA = {"png": {"Software": "cmbench"},
              "pdf": {"Creator": "cmbench", "Producer": "cmbench", "CreationDate": None}}

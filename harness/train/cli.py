@@ -14,7 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from harness.config import ConfigError, compose, default_run_dir
-from harness.rundir import RunDir, RunDirError, first_line
+from harness.train.rundir import RunDir, RunDirError, first_line
 
 log = logging.getLogger("harness.train")
 
@@ -35,8 +35,8 @@ def _with_run_dir(cfg: DictConfig) -> DictConfig:
 
 def run(cfg: DictConfig) -> dict:
     """Train (or resume) one run; returns its result.json content. Collective over all ranks."""
-    from harness import engine as eng
-    from harness.trainer import NonFiniteLoss, Trainer
+    from harness.train import engine as eng
+    from harness.train.trainer import NonFiniteLoss, Trainer
 
     cfg = _with_run_dir(cfg)
     _configure_threads(cfg.trainer.threads)
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from harness.trainer import check_source_run
+    from harness.train.trainer import check_source_run
     for key, student in (("init_from", ""), ("teacher", cfg.method.name)):
         try:
             if cfg[key]:

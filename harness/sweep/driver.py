@@ -1,8 +1,8 @@
 """`python -m harness.sweep SPEC.yaml [key=value ...] [--dry-run | --status] [--retry-failed]`
 
-Expands a sweep spec (format: harness/sweepspec.py) into runs with stable ids, writes the sweep manifest
+Expands a sweep spec (format: harness/sweep/spec.py) into runs with stable ids, writes the sweep manifest
 (`<out>/<name>/sweep.json`), dispatches the runs through the spec's launcher (local | slurm | auto),
-shows their status live, waits, and collects the results (harness.collect: fits, tables, plots).
+shows their status live, waits, and collects the results (harness.analysis.collect: fits, tables, plots).
 Re-running the same command after any interruption skips completed runs and resumes interrupted ones
 from their last checkpoint; failed runs stay failed unless `--retry-failed` is given.
 Command-line `key=value`s: `launcher=NAME`, `launcher.local.workers=N`, `launcher.slurm.OPTION=V`,
@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 from harness.config import ConfigError
-from harness.rundir import atomic_write_text, first_line
-from harness.sweep_status import StatusBoard, progress_line, read_result, run_state, table
-from harness.sweepspec import PlannedRun, Sweep, _fmt, expand, load_spec
+from harness.train.rundir import atomic_write_text, first_line
+from harness.sweep.status import StatusBoard, progress_line, read_result, run_state, table
+from harness.sweep.spec import PlannedRun, Sweep, _fmt, expand, load_spec
 
 MANIFEST = "sweep.json"
 
@@ -102,7 +102,7 @@ def write_summary(sweep: Sweep, runs: list[PlannedRun], status: dict[str, str], 
 
 def collect_results(root: Path) -> int:
     try:
-        from harness.collect import collect
+        from harness.analysis.collect import collect
     except ImportError as exc:
         print(f"collector not available ({exc}): fits, tables and plots skipped; "
               f"run `python -m harness.collect {root}` once it is installed")

@@ -3,7 +3,7 @@
     config.yaml      the fully resolved config, written before step 0 and never changed
     derived.json     values derived from it (precision, world size, steps per stage, ...)
     metrics.jsonl    one JSON object per log interval / evaluation, namespaced keys
-    checkpoints/     see harness.checkpoint
+    checkpoints/     see harness.train.checkpoint
     result.json      status ("running", "completed", "failed: <reason>") and scores, rewritten atomically
 """
 from __future__ import annotations

@@ -16,15 +16,15 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 import methods
-from harness import checkpoint, engine as eng
+from harness.train import checkpoint, engine as eng
 from harness.data import load_dataset
-from harness.ema import make_emas
+from harness.train.ema import make_emas
 from harness.eval.grid import save_grid
 from harness.eval.metrics import build_metric
 from harness.eval.score import generate, score
 from harness.nets import build_net, count_params, uses_forced_weight_norm
-from harness.rundir import RunDir
-from harness.seeding import EpochSampler, seed_step
+from harness.train.rundir import RunDir
+from harness.train.seeding import EpochSampler, seed_step
 from methods.base import StepContext
 
 log = logging.getLogger(__name__)

@@ -106,7 +106,7 @@ register_backend("xformers", _xformers_attention, check=_check_xformers)
 
 
 def _register_jvp_flash() -> None:
-    from harness.jvp_attention import jvp_flash_attention
+    from harness.nets.jvp_attention import jvp_flash_attention
     register_backend("jvp_flash", jvp_flash_attention)
 
 

@@ -16,8 +16,8 @@ from typing import Any, Callable
 
 import torch
 
-from harness import engine as eng
-from harness.rundir import first_line
+from harness.train import engine as eng
+from harness.train.rundir import first_line
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^step-(\d{7,})$")

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from harness.sweepspec import PlannedRun, _fmt
+from harness.sweep.spec import PlannedRun, _fmt
 
 BAR_WIDTH = 30
 

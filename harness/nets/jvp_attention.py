@@ -10,7 +10,7 @@ accumulated over key blocks with a running max m, normalizer l, O_t = sum e^(x -
 G = sum e^(x - m) t_x V and mu = sum e^(x - m) t_x, so no N x N score matrix or its tangent is
 ever held; memory is O(N * block). Gradients reach q, k and v through the primal output (the backward
 recomputes ordinary attention). This file holds the PyTorch path (CPU); on CUDA the JVP runs the Triton
-kernel of harness/triton_jvp_attention.py, which computes the same accumulators in one pass.
+kernel of harness/nets/triton_jvp_attention.py, which computes the same accumulators in one pass.
 """
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ class _JVPFlashAttention(torch.autograd.Function):
         q, k, v = ctx.saved_tensors
         tq, tk, tv = (torch.zeros_like(p) if t is None else t for p, t in ((q, tq), (k, tk), (v, tv)))
         if use_triton(q):
-            from harness.triton_jvp_attention import attention_jvp_triton
+            from harness.nets.triton_jvp_attention import attention_jvp_triton
             # a kernel reads raw memory: hand it the plain tensors under torch.func's wrappers
             with torch._C._DisableFuncTorch():
                 _, t_y, _ = attention_jvp_triton(*(_unwrap(t) for t in (q, k, v, tq, tk, tv)))

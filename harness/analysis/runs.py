@@ -1,4 +1,4 @@
-"""Reading run directories (harness.rundir's layout) into one long pandas DataFrame.
+"""Reading run directories (harness.train.rundir's layout) into one long pandas DataFrame.
 
 A run directory is any directory holding one of RUN_MARKERS; the search does not descend into one.
 Every run that is unfinished, failed or unreadable is reported as a problem, never dropped silently,
@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from harness import yaml_subset
+from harness.analysis import yaml_subset
 
 RUN_MARKERS = ("config.yaml", "result.json", "evaluate.json", "derived.json", "metrics.jsonl")
 

@@ -95,7 +95,7 @@ class Config:
     init_from: str = ""                # a finished run (e.g. an `edm` teacher) to start the weights from
     init_ema: str = ""                 # which of its EMAs to start from ("" = its first)
     teacher: str = ""                  # frozen teacher run for distillation methods
-    recipe: str = ""                   # a paper setup from harness/recipes/ (its overrides come first)
+    recipe: str = ""                   # a paper setup from harness/config/recipes/ (its overrides come first)
 
 
 GROUPS = ("method", "model", "data")
@@ -236,7 +236,7 @@ def validate(cfg: DictConfig) -> None:
     import torch
 
     import methods
-    from harness.attention import check_backend
+    from harness.nets.attention import check_backend
     from harness.data import check_data_config
 
     t = cfg.trainer
@@ -265,7 +265,7 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"trainer.{key} must be >= 1, got {t[key]}")
     if min(t.lr_warmup_steps, t.grid_every_steps, cfg.eval.every_steps) < 0:
         raise ConfigError("trainer.lr_warmup_steps, trainer.grid_every_steps and eval.every_steps must be >= 0")
-    from harness.ema import ema_name
+    from harness.train.ema import ema_name
     names = [ema_name(beta=b) for b in t.ema_betas] + [ema_name(std=s) for s in t.ema_stds]
     if len(set(names)) != len(names):
         raise ConfigError(f"two EMAs share a name: {names}; make trainer.ema_betas / ema_stds distinct")

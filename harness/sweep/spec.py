@@ -42,7 +42,7 @@ from typing import Any
 import yaml
 
 from harness.config import ConfigError
-from harness.sweep_compose import TRAIN_FLOPS_PER_FORWARD, compose_cached, flops_of as _flops
+from harness.sweep.compose import TRAIN_FLOPS_PER_FORWARD, compose_cached, flops_of as _flops
 
 SPEC_KEYS = ("name", "description", "out", "base", "grid", "stages", "launcher")
 STAGE_KEYS = ("name", "overrides", "grid", "init_from", "teacher", "after")

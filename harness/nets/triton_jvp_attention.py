@@ -1,7 +1,7 @@
 """Triton kernel for the attention JVP (GPU path of `jvp_flash`; runs on CPU under TRITON_INTERPRET=1).
 
 One program per (batch x head, block of BLOCK_M queries) walks the keys BLOCK_N at a time with the
-online-softmax accumulators of harness/jvp_attention.py (m, l, O, O_t, G, mu) and writes, in one pass,
+online-softmax accumulators of harness/nets/jvp_attention.py (m, l, O, O_t, G, mu) and writes, in one pass,
 the output y, its tangent t_y and the log-sum-exp m + ln l of every query row [spec scm.md 5.2].
 Shapes: [B, H, N, D] for q, k, v and their tangents; D is padded to a power of two inside the kernel.
 Products run in full fp32 (input_precision="ieee", not TF32), so the tangent matches the math path.

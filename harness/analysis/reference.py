@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 PAPERS = ("ect", "sct", "scm", "gcm", "cm")  # ect: ECT; sct: SCT (Stable CT); scm: sCM; gcm: the Guide; cm: the slides
-REFERENCE_DIR = Path(__file__).resolve().parent.parent / "results" / "reference"
+REFERENCE_DIR = Path(__file__).resolve().parents[2] / "results" / "reference"
 NUMBER = re.compile(r"^~?-?\d+(\.\d+)?(×\d+)?$")  # as printed: '2.20', '-0.060', '250×2', '~7.8'
 DASHES = frozenset({"–", "-", "—"})  # a printed dash: no entry
 _TABLE_KEYS = {"paper", "table", "order", "caption", "dataset", "metric", "source", "columns", "rows", "footnotes",
