@@ -66,6 +66,21 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_stable_ct.py",), "SCT's (1 - r/t) replaced by r/t"),
     Mutant("fit-90-percent", "harness/analysis/fit.py", "(1.0 + level) / 2.0", "level",
            ("tests/test_fit.py",), "a 90% interval where 95% is asked (level used as the quantile)"),
+    # --- beyond the table: the EMA formula, GCM's weight, the sampler protocol ------------------------
+    Mutant("ema-power-exponent", "harness/train/ema.py", "** (self.gamma + 1.0)", "** self.gamma",
+           ("tests/test_trainer_wiring.py",), "power EMA beta = (1 - 1/t)^gamma instead of ^(gamma + 1) [EDM2 eq. 2]"),
+    Mutant("gcm-gamma-weight", "methods/gcm_schedules.py", "t.pow(gamma) * torch.exp(-lam * t)",
+           "t.pow(gamma + 1) * torch.exp(-lam * t)", ("tests/test_gcm_reference.py",),
+           "GCM's Gamma loss weight t^gamma e^(-lambda t) with the wrong power"),
+    Mutant("search-picks-worst", "harness/eval/score.py", "min(tried, key=lambda r: finite_or_inf(r[2]))",
+           "max(tried, key=lambda r: finite_or_inf(r[2]))", ("tests/test_sampler_search.py",),
+           "the mid-point search keeps the worst grid point"),
+    Mutant("selection-uses-reported-noise", "harness/eval/score.py", "sel_seed = ecfg.seed + SELECTION_SEED_OFFSET",
+           "sel_seed = ecfg.seed", ("tests/test_sampler_search.py",),
+           "selection samples reuse the reported score's noise"),
+    Mutant("selection-scored-on-heldout", "harness/eval/score.py", "sel_value = value_of(selection, sample(net, steps, sel_seed)[0])",
+           "sel_value = value_of(metric, sample(net, steps, sel_seed)[0])", ("tests/test_sampler_search.py",),
+           "the selection score of a 1-step sampler computed on the held-out set"),
 )
 
 

@@ -15,7 +15,7 @@ from harness.config import ConfigError, EvalConfig, compose
 from harness.data import DataConfig, load_dataset
 from harness.eval.metrics import MetricError, build_metric
 from harness.eval.score import score
-from harness.eval.select import SELECTION_SEED_OFFSET, selection_data
+from harness.eval.select import SELECTION_SEED_OFFSET, build_selection_metric, selection_data
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,11 @@ def test_search_picks_the_grid_point_with_the_best_selection_score(digits):
     expect = metric(digits.x[:300] + abs(math.log2(2.0 / 2.4)) * noise)
     assert two["value"] == pytest.approx(expect, rel=1e-9)
     assert "mid_sigma" not in recs[1] and "mid_t" not in recs[1]          # nothing to choose at 1 step
-    assert math.isfinite(recs[1]["selection_value"])
+    # the selection score: the selection set's metric, on samples of their own noise (eval.seed + 1000)
+    sel_noise = torch.randn((300, 1, 8, 8), generator=torch.Generator().manual_seed(ecfg.seed + 1000))
+    selection = build_selection_metric(ecfg, digits, "cpu")
+    assert recs[1]["selection_value"] == pytest.approx(selection(digits.x[:300] + sel_noise), rel=1e-9)
+    assert recs[1]["selection_value"] != pytest.approx(metric(digits.x[:300] + sel_noise), rel=1e-3)
     assert f"eval.seed + {SELECTION_SEED_OFFSET}" in two["selection_reference"]
 
 
