@@ -24,7 +24,7 @@ class ECTConfig:
     p_std: float = 2.0
     q: float = 2.0                  # Delta t shrink factor per stage [ECT App. B]
     stages: int = 8                 # d = steps / stages when stage_steps = 0 [ECT App. B: total/8 on CIFAR-10]
-    stage_steps: int = 0            # d, steps per stage; 0 = trainer steps // stages
+    stage_steps: int = 0            # d, steps per stage; 0 = trainer steps // stages (either way, at most `stages`)
     stage_offset: int = 1           # a = floor(step/d) + offset: 1 when tuning from a DM [spec A1, ECT code]
     k: float = 8.0                  # n(t) = 1 + k sigmoid(-b t) [ECT eq. 15]
     b: float = 1.0
@@ -66,11 +66,10 @@ class ECT(Method):
         self.eval_param = EDMParam(sigma_data=cfg.sigma_data, shift_sigma_min=cfg.eval_shift_sigma_min)
 
     def stage(self, step: int, total_steps: int) -> int:
-        """a = floor(step / d) + offset; with d derived from the run length, never past the last stage."""
+        """a = min(floor(step / d), stages - 1) + offset: d = stage_steps, or the run length / stages."""
         c = self.cfg
-        if c.stage_steps:
-            return step // c.stage_steps + c.stage_offset
-        return min(step // max(total_steps // c.stages, 1), c.stages - 1) + c.stage_offset
+        d = c.stage_steps or max(total_steps // c.stages, 1)
+        return min(step // d, c.stages - 1) + c.stage_offset      # capped at the last of `stages` stages
 
     def r_of_t(self, t: torch.Tensor, stage: int) -> torch.Tensor:
         """r = max(0, t (1 - n(t) / q^a)) [ECT eq. 15/18]."""

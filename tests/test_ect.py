@@ -63,6 +63,9 @@ def test_ect_stage_schedule():
     assert [ect.stage(s, 800) for s in (0, 99, 100, 250, 799)] == [1, 1, 2, 3, 8]   # a = floor(s/d) + 1
     scratch = ECT(ECTConfig(stage_offset=0, stage_steps=50), (1, 8, 8), 0)
     assert [scratch.stage(s, 800) for s in (0, 49, 50)] == [0, 0, 1]
+    # a fixed d is capped at the last stage too: d = 20 over 320 steps stops at a = 8, not 16
+    fixed = ECT(ECTConfig(stage_steps=20, stages=8), (1, 8, 8), 0)
+    assert [fixed.stage(s, 320) for s in (0, 20, 139, 140, 319)] == [1, 2, 7, 8, 8]
     # stage 0 (a = 0): q^0 = 1 < n(t), every r is 0: plain denoising [ECT eq. 14]
     assert scratch.r_of_t(torch.logspace(-3, 2, 50), 0).eq(0).all()
 

@@ -77,4 +77,14 @@ def test_config_errors():
         compose(["method=scd", "model.logvar=true"])
     with pytest.raises(ConfigError, match="unknown method.tangent_norm 'l3'"):
         compose(["method=sct", "model.logvar=true", "method.tangent_norm=l3"])
-    assert compose(["method=sct", "model.logvar=true"]).method.warmup_steps == 100    # tiny preset on digits
+    assert compose(["method=sct", "model.logvar=true"]).method.warmup_fraction == 0.25  # tiny preset on digits
+    with pytest.raises(ConfigError, match=r"0 <= method.warmup_fraction <= 1"):
+        compose(["method=sct", "model.logvar=true", "method.warmup_fraction=1.5"])
+
+
+def test_tangent_warmup_length_follows_the_run_or_the_fixed_steps():
+    """r = min(1, step / H): H = warmup_fraction x trainer.steps when set (every budget warms up over the
+    same share of its run), else warmup_steps [sCM §4.2]."""
+    budget = SCT(SCMConfig(warmup_fraction=0.25, warmup_steps=10000), SHAPE, 0)
+    assert [budget.warmup_length(n) for n in (20, 320)] == [5.0, 80.0]
+    assert SCT(SCMConfig(warmup_steps=100), SHAPE, 0).warmup_length(20) == 100
