@@ -7,6 +7,8 @@ writes under --out (default RESULTS_DIR/collected/):
     runs.csv                 every score record of every completed run, config keys as cfg.<key>
     runs.md / runs.tex       one row per run: setup and its best score per metric and NFE
     fits.{csv,md,tex}        compute fits (model fixed) and model-size fits (training images fixed)
+    claims.{csv,md,tex}      the seed papers' headline claims tested, with intervals and verdicts
+    gaps.{csv,md,tex}        each student's score over its own teacher's
     matched.{csv,md,tex}     methods x NFE at matched compute
     target.{csv,md,tex}      the compute each method needs to reach a target score
     problems.{csv,md}        unfinished, failed and unreadable runs
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.analysis import report
+from harness.analysis import claims, report
 from harness.analysis.fit import compute_to_target, fit_groups, matched_compute
 from harness.analysis.runs import load_runs
 
@@ -136,6 +138,9 @@ def _write_fits(out: Path, df: pd.DataFrame, pts: pd.DataFrame, cfg: CollectConf
                          + (f"[{report.fmt(row.alpha_lo)}, {report.fmt(row.alpha_hi)}] "
                             if math.isfinite(row.alpha_lo) else "")
                          + f"r={report.fmt(row.r)} n={row.n}")
+    more, claim_lines = claims.write_claims(out, pts, x, cfg.level)
+    files |= more
+    lines += claim_lines
     if cfg.plots:
         files |= _write_plots(out, pts, claws, slaws, x)
     unfitted = len(fits) - len(claws) - len(slaws)
