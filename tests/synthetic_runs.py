@@ -53,14 +53,14 @@ def score(value: float, nfe: int, *, ema: str = "ema_std0.05", metric: str = "pi
 def write_run(path: Path, *, method: str = "ect", model: str = "unet-xs", data: str = "digits",
               steps: int = 20, batch_size: int = 128, num_params: int = 164283, flops_per_img: float = 3.566e7,
               scores: list[dict] | None = None, status: str = "completed", seed: int = 0,
-              evaluate: list[dict] | None = None) -> Path:
+              evaluate: list[dict] | None = None, init_from: str = "", teacher: str = "") -> Path:
     """A complete run directory; `status` other than completed writes what a running or failed run has."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = copy.deepcopy(CONFIG)
     cfg["method"]["name"], cfg["model"]["name"], cfg["data"]["name"] = method, model, data
     cfg["trainer"].update(steps=steps, batch_size=batch_size)
-    cfg["seed"], cfg["run_dir"] = seed, str(path)
+    cfg["seed"], cfg["run_dir"], cfg["init_from"], cfg["teacher"] = seed, str(path), init_from, teacher
     (path / "config.yaml").write_text(yaml.dump(cfg, Dumper=_DUMPER, sort_keys=False))
     derived = {"batch_per_rank": batch_size, "device": "cpu", "method_config": cfg["method"],
                "num_params": num_params, "precision": "fp32", "world_size": 1}

@@ -99,3 +99,28 @@ def test_gaps_match_students_to_their_own_teacher_by_run_directory():
     cd = gaps[(gaps["method"] == "CD") & (gaps["nfe"] == 2)]
     scd = gaps[(gaps["method"] == "sCD") & (gaps["nfe"] == 2)]
     assert set(cd["teacher_score"]) == {20.0} and set(scd["teacher_score"]) == {25.0}
+
+
+def test_collector_writes_claims_gaps_alphas_and_the_per_method_figure(tmp_path):
+    from harness.analysis.collect import collect
+    from synthetic_runs import score, write_run
+    rng = np.random.default_rng(0)
+    teacher = write_run(tmp_path / "edm", method="edm", steps=600,
+                        scores=[score(900.0, 1, step=600), score(20.0, 35, steps=18, step=600)])
+    for method, k, source in (("ect", 300.0, str(teacher)), ("ict", 900.0, "")):
+        for steps in (15, 30, 60, 120):
+            for seed in SEEDS:
+                one = k * (steps / 15) ** -0.5 * math.exp(0.05 * rng.standard_normal())
+                write_run(tmp_path / f"{method}-{steps}-{seed}", method=method, steps=steps, seed=seed,
+                          init_from=source, scores=[score(one, 1, step=steps), score(0.8 * one, 2, step=steps)])
+    files = collect(tmp_path, plots=True)
+    for name in ("claims.md", "claims.csv", "gaps.md", "alphas.md", "plots/methods_digits_pixel_fd_unet-xs.png"):
+        assert name in files, name
+    claims = pd.read_csv(files["claims.csv"])
+    assert set(claims["verdict"]) <= {"holds", "fails", "inconclusive"} and claims["verdict"].notna().all()
+    row = claims[claims["claim"].str.startswith("Tuning from a diffusion model")].iloc[0]
+    assert row["verdict"] == "holds" and row["effect"] == pytest.approx(1 / 3, rel=0.1)
+    assert (claims["claim"] == "ECT: 2 steps beat 1").sum() == 1
+    gaps = pd.read_csv(files["gaps.csv"])
+    assert set(gaps["method"]) == {"ECT"} and set(gaps["teacher_score"]) == {20.0}
+    assert "ECT" in files["alphas.md"].read_text()

@@ -157,6 +157,18 @@ def _source_name(value) -> str:
     return Path(str(value)).name if isinstance(value, str) and value else ""
 
 
+def teacher_levels(pts: pd.DataFrame) -> dict[str, float]:
+    """{student method: its teacher's best score} where every run of the method has the same teacher."""
+    teachers = _teacher_scores(pts)
+    out = {}
+    for method, grp in pts[~pts["method"].isin(TEACHERS)].groupby("method"):
+        names = {_source_name(t) or _source_name(i) for t, i in
+                 zip(grp.get("cfg.teacher", [""] * len(grp)), grp.get("cfg.init_from", [""] * len(grp)))}
+        if len(names) == 1 and next(iter(names)) in teachers:
+            out[str(method)] = teachers[next(iter(names))]
+    return out
+
+
 def teacher_gaps(pts: pd.DataFrame, x: str, level: float) -> pd.DataFrame:
     """Every student's score over its own teacher's (NFE 1 and 2, per budget, over seeds)."""
     teachers = _teacher_scores(pts)

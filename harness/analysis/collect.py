@@ -7,6 +7,7 @@ writes under --out (default RESULTS_DIR/collected/):
     runs.csv                 every score record of every completed run, config keys as cfg.<key>
     runs.md / runs.tex       one row per run: setup and its best score per metric and NFE
     fits.{csv,md,tex}        compute fits (model fixed) and model-size fits (training images fixed)
+    alphas.{csv,md,tex}      the compute exponents with their intervals, a column per NFE
     claims.{csv,md,tex}      the seed papers' headline claims tested, with intervals and verdicts
     gaps.{csv,md,tex}        each student's score over its own teacher's
     matched.{csv,md,tex}     methods x NFE at matched compute
@@ -104,6 +105,20 @@ def _matched_wide(matched: pd.DataFrame, x: str) -> pd.DataFrame:
     return wide.reset_index()
 
 
+def _alphas_wide(cfits: pd.DataFrame) -> pd.DataFrame:
+    """One row per (data, metric, model, method), a column per NFE: 'alpha [lo, hi] (n)'."""
+    from harness.analysis.claims import DISPLAY
+    if cfits.empty:
+        return pd.DataFrame(columns=["data", "metric", "held", "method"])
+    cell = [f"{report.fmt(a, 3)} [{report.fmt(lo, 3)}, {report.fmt(hi, 3)}] ({n})" if isinstance(a, float)
+            and math.isfinite(a) else f"- ({n})" for a, lo, hi, n in
+            zip(cfits["alpha"], cfits["alpha_lo"], cfits["alpha_hi"], cfits["n"])]
+    wide = cfits.assign(cell=cell, method=cfits["method"].map(lambda m: DISPLAY.get(m, m))).pivot_table(
+        index=["data", "metric", "held", "method"], columns="nfe", values="cell", aggfunc="first")
+    wide.columns = [f"NFE {report.fmt(c)}" for c in wide.columns]
+    return wide.reset_index()
+
+
 def _write_fits(out: Path, df: pd.DataFrame, pts: pd.DataFrame, cfg: CollectConfig) -> tuple[dict, list[str]]:
     x = cfg.compute
     files, lines = {}, []
@@ -120,6 +135,10 @@ def _write_fits(out: Path, df: pd.DataFrame, pts: pd.DataFrame, cfg: CollectConf
     md_cols = ["kind", "data", "metric", "method", "nfe", "held", "n", "x0", "K", "alpha", "alpha_lo",
                "alpha_hi", "r", "r2", "p_value", "note"]
     files |= report.write_table(fits[md_cols], out / "fits", "Power-law fits: " + form, csv_df=fits)
+    files |= report.write_table(_alphas_wide(cfits), out / "alphas",
+                                f"Compute exponents alpha [{cfg.level:.0%} t-interval] (points) per method, "
+                                f"NFE and model: score = K * C^alpha, C = {x} / the smallest; fits.md has K, r "
+                                f"and p.")
     matched = matched_compute(cpts, claws, x=x)
     files |= report.write_table(_matched_wide(matched, x), out / "matched",
                                 f"Score at matched compute ({x}): per data, metric and model, the largest "
@@ -164,6 +183,12 @@ def _write_plots(out: Path, pts: pd.DataFrame, claws: dict, slaws: dict, x: str)
         got = plots.plot_steps(grp, metric=metric, stem=out / "plots" / f"steps_{tag}",
                                title=f"{data}: 2-step vs 1-step")
         files |= {f"plots/{k}": v for k, v in got.items()}
+        for model, sub in grp[grp[x].gt(0)].groupby("model", sort=True):
+            got = plots.plot_methods(sub, x=x, metric=metric, teacher_levels=claims.teacher_levels(sub),
+                                     stem=out / "plots" / f"methods_{_slug(data, metric, model)}",
+                                     title=f"{data}, {model}: {metric} vs {x} per method (every seed a point; "
+                                           f"fit with its 95% band)")
+            files |= {f"plots/{k}": v for k, v in got.items()}
     return files
 
 
