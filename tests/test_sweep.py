@@ -332,3 +332,28 @@ def test_status_board_plain_and_tty(tmp_path):
     with StatusBoard(runs, status, tty) as board:
         board.update(runs[0].run_id, "running")
     assert "\x1b[" in tty.getvalue() and runs[0].run_id in tty.getvalue()
+
+
+def test_summary_says_where_the_time_went(tmp_path):
+    """summary.md sums the runs' training time (teachers apart from students), the selection / search time
+    and the reported scores' sampling + scoring time, from each run's result.json."""
+    from harness.sweep.driver import time_breakdown, write_summary
+    from harness.sweep.spec import PlannedRun, Sweep
+    runs = []
+    for i, (method, train, scores) in enumerate([
+            ("edm", 100.0, [{"ema": "e", "steps": 1, "value": 9.0, "sample_sec": 2.0, "score_sec": 1.0}]),
+            ("ect", 30.0, [{"ema": "e", "steps": 2, "value": 3.0, "sample_sec": 0.5, "score_sec": 0.25,
+                            "selection_sec": 4.0}]),
+            ("cd", 40.0, [{"ema": "e", "steps": 1, "value": 4.0, "sample_sec": 0.5, "score_sec": 0.25,
+                           "selection_sec": 1.0}])]):
+        run_dir = tmp_path / f"run{i}"
+        run_dir.mkdir()
+        (run_dir / "result.json").write_text(json.dumps({"status": "completed", "train_sec": train, "scores": scores}))
+        runs.append(PlannedRun(f"id{i}", method, {}, (), str(run_dir), (), method, "unet-xs", 10, 64, 1, 1.0))
+    assert time_breakdown(runs) == {"teachers: training": 100.0, "students: training": 70.0,
+                                    "sampler search and selection scores": 5.0,
+                                    "evaluation (reported scores)": 4.5}
+    sweep = Sweep("s", tmp_path, [], {})
+    text = write_summary(sweep, runs, {r.run_id: "completed" for r in runs}, 123.0, collect_sec=7.0).read_text()
+    assert "| students: training | 70 |" in text and "| collect (fits, claims, tables, plots) | 7 |" in text
+    assert "| wall time of the sweep | 123 |" in text

@@ -84,8 +84,34 @@ def print_plan(sweep: Sweep, runs: list[PlannedRun], launcher: str) -> None:
           f"methods' extra target/JVP/teacher passes not included)")
 
 
-def write_summary(sweep: Sweep, runs: list[PlannedRun], status: dict[str, str], wall_sec: float) -> Path:
-    lines = ["| stage | run | status | EMA | 1-step | 2-step | train s |", "|---|---|---|---|---|---|---|"]
+TEACHER_METHODS = ("edm", "trigflow")
+
+
+def time_breakdown(runs: list[PlannedRun]) -> dict[str, float]:
+    """Seconds summed over the runs' result.json: training (teachers, students), the selection scores and
+    sampler search (harness.eval.select), and sampling + scoring of the reported scores."""
+    out = {"teachers: training": 0.0, "students: training": 0.0, "sampler search and selection scores": 0.0,
+           "evaluation (reported scores)": 0.0}
+    for r in runs:
+        res = read_result(r.run_dir)
+        who = "teachers" if r.method in TEACHER_METHODS else "students"
+        out[f"{who}: training"] += float(res.get("train_sec", 0) or 0)
+        for rec in [*res.get("scores", []), *(e for e in res.get("evals", []) if isinstance(e, dict))]:
+            out["sampler search and selection scores"] += float(rec.get("selection_sec", 0) or 0)
+            out["evaluation (reported scores)"] += float(rec.get("sample_sec", 0) or 0) + float(rec.get("score_sec", 0) or 0)
+    return out
+
+
+def write_summary(sweep: Sweep, runs: list[PlannedRun], status: dict[str, str], wall_sec: float,
+                  collect_sec: float | None = None) -> Path:
+    parts = time_breakdown(runs)
+    if collect_sec is not None:
+        parts["collect (fits, claims, tables, plots)"] = collect_sec
+    times = ["## Where the time went", "", "Seconds summed over runs (the local launcher runs several at once, "
+             "so the sum can exceed the wall time); the rest of the wall time is process start, data, "
+             "checkpoints and waiting on stages.", "", "| part | seconds |", "|---|---|",
+             *(f"| {k} | {v:.0f} |" for k, v in parts.items()), f"| wall time of the sweep | {wall_sec:.0f} |", ""]
+    lines = ["## Runs", "", "| stage | run | status | EMA | 1-step | 2-step | train s |", "|---|---|---|---|---|---|---|"]
     for r in runs:
         res = read_result(r.run_dir)
         by_ema: dict[str, dict[int, float]] = {}
@@ -96,7 +122,7 @@ def write_summary(sweep: Sweep, runs: list[PlannedRun], status: dict[str, str], 
             lines.append(f"| {r.stage} | {Path(r.run_dir).name} | {status.get(r.run_id, '?')} | {ema} | "
                          f"{' | '.join(cells)} | {res.get('train_sec', 0):.0f} |")
     path = sweep.out_dir / "summary.md"
-    atomic_write_text(path, f"# {sweep.name}\n\n" + "\n".join(lines) + f"\n\nwall time {wall_sec:.0f} s\n")
+    atomic_write_text(path, f"# {sweep.name}\n\n" + "\n".join(times + lines) + f"\n\nwall time {wall_sec:.0f} s\n")
     return path
 
 
@@ -164,7 +190,12 @@ def dispatch(sweep: Sweep, runs: list[PlannedRun], args, extra: list[str], launc
     if not todo:
         print(progress_line(status, wall))
     print(f"summary: {summary}", flush=True)
+    tic_collect = time.time()
     rc = collect_results(sweep.out_dir)
+    write_summary(sweep, runs, status, wall, collect_sec=time.time() - tic_collect)
+    for part, sec in time_breakdown(runs).items():
+        print(f"time: {part} {sec:.0f} s (summed over runs)")
+    print(f"time: collect {time.time() - tic_collect:.0f} s; sweep wall {wall:.0f} s", flush=True)
     return 0 if rc == 0 and all(s == "completed" for s in status.values()) else 1
 
 
