@@ -8,10 +8,19 @@ A table file holds one table (or one panel of a multi-panel table) transcribed f
 Numbers stay strings ('2.20', not 2.2) so printing reproduces the paper's digits. A cell is null (empty),
 a string, a list of strings (printed 'a / b', the sCM tables' '1 / 2' cells), or a mapping
 {v: <string or list>, bold, underline, italic: bool, mark: <footnote mark>}.
+
+Where the tables are (reference_dir): $CMBENCH_REFERENCE_DIR when set (then only there); else the checkout's
+results/reference/ (a source tree or an editable install); else the copy an installed wheel carries as data
+files, <prefix>/share/cmbench/reference/ (pyproject.toml [tool.setuptools.data-files]; found through the
+installed distribution's file list, so a venv, --user or --prefix install alike). None of them holding a
+*.yaml is a one-line ReferenceError naming the places looked at. The wheel puts the sweep specs (sweeps/*.yaml)
+beside them, in <prefix>/share/cmbench/sweeps/ (installed_data_dir("sweeps")).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +28,8 @@ from pathlib import Path
 import yaml
 
 PAPERS = ("ect", "sct", "scm", "gcm", "cm")  # ect: ECT; sct: SCT (Stable CT); scm: sCM; gcm: the Guide; cm: the slides
-REFERENCE_DIR = Path(__file__).resolve().parents[2] / "results" / "reference"
+ENV_VAR = "CMBENCH_REFERENCE_DIR"  # a directory of reference *.yaml; overrides every other place
+SOURCE_DIR = Path(__file__).resolve().parents[2] / "results" / "reference"  # in a checkout
 NUMBER = re.compile(r"^~?-?\d+(\.\d+)?(×\d+)?$")  # as printed: '2.20', '-0.060', '250×2', '~7.8'
 DASHES = frozenset({"–", "-", "—"})  # a printed dash: no entry
 _TABLE_KEYS = {"paper", "table", "order", "caption", "dataset", "metric", "source", "columns", "rows", "footnotes",
@@ -163,11 +173,64 @@ def _read_table(path: Path) -> Table:
     return Table(Path(path).stem, table.doc)
 
 
-def load_tables(paper: str = "all", root: Path | str = REFERENCE_DIR) -> list[Table]:
-    """Every table of `paper` (or of all papers), in paper order then the order the tables appear."""
+def installed_data_dir(name: str) -> Path | None:
+    """<prefix>/share/cmbench/<name> (reference, sweeps) as installed from a wheel, or None (a checkout, an
+    editable install): read from the file list of the installed cmbench distribution that holds this module."""
+    here = Path(__file__).resolve()
+    for dist in importlib.metadata.distributions(name="cmbench"):
+        files = dist.files or []
+        if not any(f.as_posix() == "harness/analysis/reference.py" and Path(dist.locate_file(f)).resolve() == here
+                   for f in files):
+            continue  # another cmbench on sys.path (e.g. an editable install seen through a .pth file)
+        for f in files:
+            if f.parts[-4:-1] == ("share", "cmbench", name):
+                return Path(dist.locate_file(f)).resolve().parent
+    return None
+
+
+def _has_tables(path: Path) -> bool:
+    return path.is_dir() and any(path.glob("*.yaml"))
+
+
+def reference_dir() -> Path:
+    """The directory of the reference tables (see the module docstring for the order the places are tried)."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        places = [Path(env).expanduser()]
+    else:
+        installed = installed_data_dir("reference")
+        places = [SOURCE_DIR] + ([installed] if installed else [])
+    for place in places:
+        if _has_tables(place):
+            return place
+    if env:
+        where = f"{ENV_VAR}={places[0]}"
+    else:
+        where = f"{SOURCE_DIR} nor {installed or 'an installed wheel (<prefix>/share/cmbench/reference)'}"
+    raise ReferenceError(f"no reference tables (*.yaml) in {where}; set {ENV_VAR} to a directory holding "
+                         f"results/reference/*.yaml, or install cmbench from a wheel built from the repository")
+
+
+def _reference_dir_at_import() -> Path:
+    try:
+        return reference_dir()
+    except ReferenceError:
+        return SOURCE_DIR
+
+
+REFERENCE_DIR = _reference_dir_at_import()  # where the tables were at import; load_tables looks again each call
+
+
+def load_tables(paper: str = "all", root: Path | str | None = None) -> list[Table]:
+    """Every table of `paper` (or of all papers), in paper order then the order the tables appear; `root`
+    defaults to reference_dir(). A root without a *.yaml is a one-line ReferenceError (never an empty list)."""
     if paper != "all" and paper not in PAPERS:
         raise ReferenceError(f"unknown paper '{paper}'; valid: {', '.join(PAPERS)}, all")
-    tables = [load_table(p) for p in sorted(Path(root).glob("*.yaml"))]
+    root = reference_dir() if root is None else Path(root)
+    files = sorted(root.glob("*.yaml"))
+    if not files:
+        raise ReferenceError(f"no reference tables (*.yaml) in {root}")
+    tables = [load_table(p) for p in files]
     if paper != "all":
         tables = [t for t in tables if t["paper"] == paper]
     return sorted(tables, key=lambda t: (PAPERS.index(t["paper"]), t["order"], t.name))
