@@ -78,8 +78,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("selection-uses-reported-noise", "harness/eval/score.py", "sel_seed = ecfg.seed + SELECTION_SEED_OFFSET",
            "sel_seed = ecfg.seed", ("tests/test_sampler_search.py",),
            "selection samples reuse the reported score's noise"),
-    Mutant("selection-scored-on-heldout", "harness/eval/score.py", "sel_value = value_of(selection, sample(net, steps, sel_seed)[0])",
-           "sel_value = value_of(metric, sample(net, steps, sel_seed)[0])", ("tests/test_sampler_search.py",),
+    Mutant("selection-scored-on-heldout", "harness/eval/score.py", "sel_value = value_of(selection, sample(net, steps, sel_seed, sel_num)[0])",
+           "sel_value = value_of(metric, sample(net, steps, sel_seed, sel_num)[0])", ("tests/test_sampler_search.py",),
            "the selection score of a 1-step sampler computed on the held-out set"),
 )
 

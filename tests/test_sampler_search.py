@@ -76,6 +76,7 @@ class _StandIn:
         return 2.0 * sigma                    # a method whose time is twice the EDM sigma
 
     def sample(self, net, noise, steps, labels=None, generator=None):
+        self.seeds.append(len(noise))
         spread = abs(math.log2(self.cfg.mid_t[0] / self.best)) if steps == 2 else 1.0
         base = self.data.x[: len(noise)]
         return base + spread * noise
@@ -104,6 +105,14 @@ def test_search_picks_the_grid_point_with_the_best_selection_score(digits):
     assert recs[1]["selection_value"] == pytest.approx(selection(digits.x[:300] + sel_noise), rel=1e-9)
     assert recs[1]["selection_value"] != pytest.approx(metric(digits.x[:300] + sel_noise), rel=1e-3)
     assert f"eval.seed + {SELECTION_SEED_OFFSET}" in two["selection_reference"]
+
+
+def test_selection_scores_use_eval_selection_samples(digits):
+    ecfg = OmegaConf.structured(EvalConfig(num_samples=400, batch_size=400, metric="pixel_fd", selection=True,
+                                           selection_samples=150, mid_sigma_grid=[0.5, 1.0], steps=[2]))
+    method = _StandIn(digits, best=2.0)
+    (rec,) = score(method, {"ema": torch.nn.Identity()}, digits, ecfg, "cpu", 0)
+    assert method.seeds == [150, 150, 400] and rec["selection_samples"] == 150 and rec["num_samples"] == 400
 
 
 def test_without_a_grid_the_fixed_mid_point_is_used_and_recorded(digits):

@@ -71,6 +71,7 @@ class EvalConfig:
     # items too, and choose the 2-step mid-point there over one grid of EDM noise levels for every method.
     selection: bool = False            # also score on the selection set (the collector picks EMAs by it)
     selection_size: int = 0            # training items in the selection set (0 = as many as held out)
+    selection_samples: int = 0         # samples per selection score (0 = eval.num_samples)
     mid_sigma_grid: list[float] = field(default_factory=list)   # [] = each method's fixed mid_t (papers')
 
 

@@ -70,6 +70,9 @@ def check_eval_config(ecfg, data_name: str) -> None:
                           "selection set, never on the reported one")
     if any(not (isinstance(v, (int, float)) and 0 < v < float("inf")) for v in grid):
         raise MetricError(f"eval.mid_sigma_grid must hold positive finite EDM noise levels, got {grid}")
+    if getattr(ecfg, "selection_samples", 0) < 0 or getattr(ecfg, "selection_samples", 0) == 1:
+        raise MetricError(f"eval.selection_samples must be 0 (as many as eval.num_samples) or >= 2, "
+                          f"got {ecfg.selection_samples}")
     if getattr(ecfg, "selection_size", 0) < 0 or getattr(ecfg, "selection_size", 0) == 1:
         raise MetricError(f"eval.selection_size must be 0 (as many as held out) or >= 2, "
                           f"got {ecfg.selection_size}")

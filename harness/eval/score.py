@@ -54,12 +54,13 @@ def score(method, nets: dict[str, torch.nn.Module], data, ecfg, device, step: in
     records = []
     step_counts = list(dict.fromkeys(s or method.default_steps() for s in ecfg.steps))   # 0 = N; once each
 
-    def sample(net, steps, seed):
+    sel_num = int(getattr(ecfg, "selection_samples", 0) or 0) or ecfg.num_samples
+
+    def sample(net, steps, seed, num=ecfg.num_samples):
         if str(device).startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        x = generate(method, net, ecfg.num_samples, steps, data.shape, data.num_classes, seed,
-                     ecfg.batch_size, device)
+        x = generate(method, net, num, steps, data.shape, data.num_classes, seed, ecfg.batch_size, device)
         return x, time.perf_counter() - t0
 
     def value_of(m, x):
@@ -76,7 +77,8 @@ def score(method, nets: dict[str, torch.nn.Module], data, ecfg, device, step: in
                     for sigma in grid:
                         t_mid = method.time_of_sigma(sigma)
                         with mid_times(method, [t_mid]):
-                            tried.append((sigma, t_mid, value_of(selection, sample(net, steps, sel_seed)[0])))
+                            x_sel = sample(net, steps, sel_seed, sel_num)[0]
+                        tried.append((sigma, t_mid, value_of(selection, x_sel)))
                     sigma, chosen_t, sel_value = min(tried, key=lambda r: finite_or_inf(r[2]))
                     chosen = [chosen_t]
                     protocol = {"mid_sigma": sigma, "mid_sigma_grid": grid,
@@ -84,9 +86,10 @@ def score(method, nets: dict[str, torch.nn.Module], data, ecfg, device, step: in
                                 "sampler_rule": "2-step mid-point: argmin of the selection score over "
                                                 "eval.mid_sigma_grid (EDM sigma, mapped by time_of_sigma)"}
                 else:
-                    sel_value = value_of(selection, sample(net, steps, sel_seed)[0])
-                protocol.update({"selection_value": sel_value, "selection_reference": selection_reference(
-                    selection, metric.data_cfg), "selection_sec": time.perf_counter() - t_select})
+                    sel_value = value_of(selection, sample(net, steps, sel_seed, sel_num)[0])
+                protocol.update({"selection_value": sel_value, "selection_samples": sel_num,
+                                 "selection_reference": selection_reference(selection, metric.data_cfg),
+                                 "selection_sec": time.perf_counter() - t_select})
             with mid_times(method, chosen):
                 x, sample_sec = sample(net, steps, ecfg.seed)
                 mid_t = list(method.cfg.mid_t) if searchable(method, steps) else None
