@@ -64,6 +64,7 @@ def _broken(path: Path, kind: str) -> None:
         text = (path / "result.json").read_text()
         (path / "result.json").write_text(text[: len(text) // 3])
     else:
+        (path / "config.json").write_bytes(os.urandom(512))
         (path / "config.yaml").write_bytes(os.urandom(512))
 
 

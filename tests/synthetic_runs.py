@@ -1,8 +1,9 @@
 """Synthetic run directories in harness.train.rundir's layout, for the collector's tests and benchmark.
 
 The files mirror what `python -m harness.train method=ect model=unet-xs data=digits trainer.steps=20
-eval.num_samples=100` writes (config.yaml from OmegaConf.to_yaml, result.json / derived.json with
-sorted keys and indent 2, one metrics.jsonl line per log interval and evaluation);
+eval.num_samples=100` writes (config.yaml from OmegaConf.to_yaml and the same config as config.json,
+result.json / derived.json with sorted keys and indent 2, one metrics.jsonl line per log interval and
+evaluation; `config_json=False` writes a run from before config.json existed);
 tests/test_collect.py checks the config keys against harness.config.compose.
 """
 from __future__ import annotations
@@ -53,7 +54,8 @@ def score(value: float, nfe: int, *, ema: str = "ema_std0.05", metric: str = "pi
 def write_run(path: Path, *, method: str = "ect", model: str = "unet-xs", data: str = "digits",
               steps: int = 20, batch_size: int = 128, num_params: int = 164283, flops_per_img: float = 3.566e7,
               scores: list[dict] | None = None, status: str = "completed", seed: int = 0,
-              evaluate: list[dict] | None = None, init_from: str = "", teacher: str = "") -> Path:
+              evaluate: list[dict] | None = None, init_from: str = "", teacher: str = "",
+              config_json: bool = True) -> Path:
     """A complete run directory; `status` other than completed writes what a running or failed run has."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -62,6 +64,8 @@ def write_run(path: Path, *, method: str = "ect", model: str = "unet-xs", data: 
     cfg["trainer"].update(steps=steps, batch_size=batch_size)
     cfg["seed"], cfg["run_dir"], cfg["init_from"], cfg["teacher"] = seed, str(path), init_from, teacher
     (path / "config.yaml").write_text(yaml.dump(cfg, Dumper=_DUMPER, sort_keys=False))
+    if config_json:
+        (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     derived = {"batch_per_rank": batch_size, "device": "cpu", "method_config": cfg["method"],
                "num_params": num_params, "precision": "fp32", "world_size": 1}
     _json(path / "derived.json", derived)

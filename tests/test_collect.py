@@ -196,34 +196,68 @@ def test_flatten():
 @pytest.mark.parametrize("overrides", [["method=ect", "model=unet-xs"], ["method=edm", "model=dit-xs"],
                                        ["method=sct", "model=unet-s", "model.logvar=true"],
                                        ["method=ct", "model=mlp-xs", "data=moons"]])
-def test_yaml_subset_reads_real_configs_exactly(overrides, tmp_path):
-    import yaml
-    from omegaconf import OmegaConf
+def test_prepare_writes_config_json_equal_to_config_yaml(overrides, tmp_path):
+    """RunDir.prepare writes config.json beside config.yaml: the same tree; a resumed old run gets one."""
+    import json
 
-    from harness.analysis import yaml_subset
+    import yaml
+
     from harness.config import compose
-    text = OmegaConf.to_yaml(compose([*overrides, f"run_dir={tmp_path}"]), resolve=True)
-    fast = yaml_subset.load(text)
-    assert fast is not None                                        # the fast path, not the fallback
-    assert fast == yaml.safe_load(text)
+    from harness.train.rundir import RunDir
+    cfg = compose([*overrides, f"run_dir={tmp_path / 'run'}"])
+    run = RunDir(tmp_path / "run")
+    assert run.prepare(cfg) is False
+    from_yaml = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert json.loads((tmp_path / "run" / "config.json").read_text()) == from_yaml
+    assert not list((tmp_path / "run").glob(".*tmp*"))            # written atomically, nothing left over
+    (tmp_path / "run" / "config.json").unlink()                   # a run from before config.json
+    assert run.prepare(cfg) is True
+    assert json.loads((tmp_path / "run" / "config.json").read_text()) == from_yaml
 
 
-@pytest.mark.parametrize("tree, fast", [
-    ({"a": {"b": [1, "x", None, True], "c": {}}, "d": [], "e": "yes", "f": "1.5", "g": "", "h": "it's",
-      "i": "x: y", "j": 1e-8, "k": float("inf"), "l": "2026-01-01", "m": "-x", "n": "~", "o": "/a b"}, True),
-    ({"a": [{"x": 1}]}, False), ({"b": [[1, 2]]}, False), ({"c": "long " * 30}, False),
-    ({"d": "multi\nline"}, False)])
-def test_yaml_subset_agrees_or_falls_back(tree, fast):
-    import yaml
+def test_prepare_config_json_keeps_every_value(tmp_path):
+    import json
+
     from omegaconf import OmegaConf
 
-    from harness.analysis import yaml_subset
-    text = OmegaConf.to_yaml(OmegaConf.create(tree))
-    got = yaml_subset.load(text)
-    assert (got is not None) == fast
-    if fast:
-        assert got == yaml.safe_load(text)
-    assert yaml_subset.load("a: 1\n  b: 2\n") is None and yaml_subset.load("") is None
+    from harness.train.rundir import RunDir
+    tree = {"a": {"b": [1, "x", None, True], "c": {}}, "d": [], "e": "yes", "f": "1.5", "g": "", "i": "x: y",
+            "j": 1e-8, "k": float("inf"), "l": "2026-01-01", "n": "~", "p": [{"x": 1}], "q": "multi\nline"}
+    RunDir(tmp_path).prepare(OmegaConf.create(tree))
+    assert json.loads((tmp_path / "config.json").read_text()) == tree
+
+
+def test_config_json_wins_and_yaml_only_runs_still_read(tmp_path):
+    """New runs are read from config.json, old ones (config.yaml only) through PyYAML, to the same columns."""
+    import json
+    write_run(tmp_path / "new", steps=100)
+    write_run(tmp_path / "old", steps=100, config_json=False)
+    assert not (tmp_path / "old" / "config.json").exists()
+    df, problems = load_runs(tmp_path)
+    assert problems == []
+    cfg_cols = [c for c in df.columns if c.startswith("cfg.") and c != "cfg.run_dir"]
+    new, old = (df[df.run == r].iloc[0] for r in ("new", "old"))
+    assert new[cfg_cols].to_dict() == old[cfg_cols].to_dict() and old["cfg.trainer.steps"] == 100
+    cfg = json.loads((tmp_path / "new" / "config.json").read_text())
+    cfg["trainer"]["steps"], cfg["method"]["name"] = 7, "ict"   # only in the JSON
+    (tmp_path / "new" / "config.json").write_text(json.dumps(cfg))
+    df, _ = load_runs(tmp_path)
+    new = df[df.run == "new"].iloc[0]
+    assert new["cfg.trainer.steps"] == 7 and new["method"] == "ict"
+
+
+def test_corrupt_config_json_is_a_problem(tmp_path):
+    for name, text in (("truncated", None), ("list", "[1, 2]"), ("empty", "")):
+        path = write_run(tmp_path / name)
+        full = (path / "config.json").read_text()
+        (path / "config.json").write_text(full[: len(full) // 2] if text is None else text)
+    df, problems = load_runs(tmp_path)
+    assert df.empty                                                # config.yaml is not used instead
+    probs = _problems(problems)
+    assert probs["truncated"][0].startswith("config.json unreadable (truncated or corrupt): JSONDecodeError")
+    assert probs["empty"][0].startswith("config.json unreadable (truncated or corrupt)")
+    assert probs["list"] == ["config.json is not a mapping (got list)"]
+    assert all(len(p) == 1 for p in probs.values())
 
 
 @pytest.mark.slow

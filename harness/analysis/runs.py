@@ -1,8 +1,10 @@
 """Reading run directories (harness.train.rundir's layout) into one long pandas DataFrame.
 
 A run directory is any directory holding one of RUN_MARKERS; the search does not descend into one.
-Every run that is unfinished, failed or unreadable is reported as a problem, never dropped silently,
-and no file content can make the reader raise.
+Its config is read from config.json when present (json.loads), else from config.yaml (PyYAML's safe
+loader; runs written before config.json existed); nothing read can execute code. Every run that is
+unfinished, failed or unreadable is reported as a problem, never dropped silently, and no file content
+can make the reader raise.
 """
 from __future__ import annotations
 
@@ -14,8 +16,6 @@ from typing import Any
 
 import pandas as pd
 import yaml
-
-from harness.analysis import yaml_subset
 
 RUN_MARKERS = ("config.yaml", "result.json", "evaluate.json", "derived.json", "metrics.jsonl")
 
@@ -84,9 +84,8 @@ def _read_mapping(path: Path, kind: str) -> tuple[dict | None, str | None]:
         text = _read_text(path)
         if text is None:
             return None, None
-        if kind == "yaml":   # OmegaConf's block subset fast, anything else through PyYAML
-            data = yaml_subset.load(text)
-            data = yaml.load(text, Loader=_SAFE_LOADER) if data is None else data
+        if kind == "yaml":
+            data = yaml.load(text, Loader=_SAFE_LOADER)
         else:
             data = json.loads(text)
     except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
@@ -95,6 +94,14 @@ def _read_mapping(path: Path, kind: str) -> tuple[dict | None, str | None]:
     if not isinstance(data, dict):
         return None, f"{path.name} is not a mapping (got {type(data).__name__})"
     return data, None
+
+
+def _read_config(path: Path) -> tuple[dict | None, str | None]:
+    """The run's config: config.json when present (a corrupt one is a problem), else config.yaml."""
+    cfg, problem = _read_mapping(path / "config.json", "json")
+    if cfg is None and problem is None:
+        return _read_mapping(path / "config.yaml", "yaml")
+    return cfg, problem
 
 
 def _last_logged_step(path: Path) -> str:
@@ -163,7 +170,7 @@ def _score_rows(records: Any, source: str, problems: list[str]) -> dict[tuple, d
 def read_run(path: Path, run: str) -> tuple[list[dict], list[str]]:
     """Rows (one per score record) of one run directory, and its problems."""
     problems: list[str] = []
-    cfg, bad_cfg = _read_mapping(path / "config.yaml", "yaml")
+    cfg, bad_cfg = _read_config(path)
     result, bad_result = _read_mapping(path / "result.json", "json")
     for problem in (bad_cfg, bad_result):
         if problem:

@@ -1,6 +1,7 @@
 """The run directory: the only contract between training and collection.
 
     config.yaml      the fully resolved config, written before step 0 and never changed
+    config.json      the same config as JSON, for the collector (plain json.loads); old runs may lack it
     derived.json     values derived from it (precision, world size, steps per stage, ...)
     metrics.jsonl    one JSON object per log interval / evaluation, namespaced keys
     checkpoints/     see harness.train.checkpoint
@@ -63,14 +64,17 @@ class RunDir:
 
         A directory that already holds a different config is refused (nothing is overwritten)."""
         text = OmegaConf.to_yaml(cfg, resolve=True)
-        if self.config_path.exists():
-            if self.config_path.read_text() != text:
-                raise RunDirError(f"{self.path} already holds a run with a different config; "
-                                  f"choose another run_dir or delete it")
-            return True
-        self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.config_path, text)
-        return False
+        resuming = self.config_path.exists()
+        if resuming and self.config_path.read_text() != text:
+            raise RunDirError(f"{self.path} already holds a run with a different config; "
+                              f"choose another run_dir or delete it")
+        if not resuming:
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.config_path, text)
+        if not resuming or not (self.path / "config.json").exists():   # after config.yaml, which marks the run
+            container = OmegaConf.to_container(cfg, resolve=True)
+            atomic_write_text(self.path / "config.json", json.dumps(container, indent=2) + "\n")
+        return resuming
 
     def load_config(self) -> DictConfig:
         return OmegaConf.load(self.config_path)
