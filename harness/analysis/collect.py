@@ -135,8 +135,9 @@ def _write_fits(out: Path, df: pd.DataFrame, pts: pd.DataFrame, cfg: CollectConf
     md_cols = ["kind", "data", "metric", "method", "nfe", "held", "n", "x0", "K", "alpha", "alpha_lo",
                "alpha_hi", "r", "r2", "p_value", "note"]
     files |= report.write_table(fits[md_cols], out / "fits", "Power-law fits: " + form, csv_df=fits)
-    files |= report.write_table(_alphas_wide(cfits), out / "alphas",
-                                f"Compute exponents alpha [{cfg.level:.0%} t-interval] (points) per method, "
+    students = cfits[~cfits["method"].isin(claims.TEACHERS)] if not cfits.empty else cfits
+    files |= report.write_table(_alphas_wide(students), out / "alphas",
+                                f"Compute exponents alpha [{cfg.level:.0%} t-interval] (points) per consistency method, "
                                 f"NFE and model: score = K * C^alpha, C = {x} / the smallest; fits.md has K, r "
                                 f"and p.")
     matched = matched_compute(cpts, claws, x=x)

@@ -185,6 +185,7 @@ def plot_methods(points: pd.DataFrame, *, x: str, metric: str, teacher_levels: d
             ax.set(xscale="log", yscale="log", title=display(method))
             values = students.loc[students["method"] == method, "value"]
             _plain_log_ticks(ax.yaxis, float(values.min()), float(values.max()))
+            ax.xaxis.set_minor_formatter(ticker.NullFormatter())      # decades only: minor labels collide
             ax.tick_params(labelsize=7)
         for ax in axes[-1]:
             ax.set_xlabel(_X_LABELS.get(x, x), fontsize=8)
