@@ -348,3 +348,14 @@ def test_cd_teacher_on_other_data_is_refused_before_training(tmp_path):
     assert proc.returncode == 2 and not student.exists()
     assert proc.stderr.strip().splitlines()[-1] == \
         f"error: teacher: {teacher_dir} was trained on swissroll, this run uses digits"
+
+
+def test_ct_cifar10_recipe_follows_the_released_code_for_the_target_ema(cifar10_stub, tmp_path):
+    """The CT CIFAR-10 recipe divides by N(k) - 1 in mu(k) as the released CM code does (the published FIDs
+    come from it); the paper's formula (N(k)) stays the method's default."""
+    from harness.config import compose
+    for name in ("vgg16-397923af.pth", "vgg.pth"):
+        (tmp_path / name).touch()
+    cfg = compose(["recipe=ct-cifar10", f"data.path={cifar10_stub}", f"method.lpips_weights={tmp_path}"])
+    assert cfg.method.mu_divisor == "n_minus_1"
+    assert compose(["method=ct", "method.distance=l2"]).method.mu_divisor == "n"
