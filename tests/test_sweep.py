@@ -158,7 +158,7 @@ def test_bad_specs_fail_in_one_line_before_work(tmp_path, capsys, case):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("spec", ["smoke", "scaling", "sizes_digits", "scaling_cifar10"])
+@pytest.mark.parametrize("spec", ["smoke", "scaling", "sizes_digits", "scaling_cifar10", "recipes_digits"])
 def test_shipped_specs_expand(spec, capsys, tmp_path, monkeypatch):
     import tarfile
     (tmp_path / "cifar-10-batches-py").mkdir()                 # stand-ins: the checks look at paths only
@@ -171,7 +171,9 @@ def test_shipped_specs_expand(spec, capsys, tmp_path, monkeypatch):
     sweep, extra = load_spec(str(ROOT / "sweeps" / f"{spec}.yaml"), ["out=/nonexistent/out"])
     runs = expand(sweep, extra)
     assert runs and len({r.run_id for r in runs}) == len(runs)
-    if spec != "smoke":
+    if spec == "recipes_digits":         # ECT and CD x 3 learning rates x 2 budgets x 3 seeds, one teacher
+        assert len(runs) == 2 * 3 * 2 * 3 + 1
+    elif spec != "smoke":
         import methods
         students = {r.method for r in runs if r.method not in ("edm", "trigflow")}
         assert students == set(methods.names()) - {"edm", "trigflow"} and len(students) == 8
@@ -180,7 +182,7 @@ def test_shipped_specs_expand(spec, capsys, tmp_path, monkeypatch):
         assert len(runs) == 8 * 5 * 3 + 2 and len(steps) == 5 and steps[-1] / steps[0] == 16
         assert {r.point.get("seed") for r in runs if r.method == "ect"} == {0, 1, 2}
         assert all("eval.selection=true" in r.overrides for r in runs if r.method not in ("edm", "trigflow"))
-    elif spec != "smoke":                # every method at 3 sizes x 3 budgets, plus the teachers
+    elif spec not in ("smoke", "recipes_digits"):   # every method at 3 sizes x 3 budgets, plus the teachers
         assert len(runs) == 8 * 3 * 3 + 2 * 3
     assert main([str(ROOT / "sweeps" / f"{spec}.yaml"), "--dry-run", "out=/nonexistent/out"]) == 0
     assert "estimated compute" in capsys.readouterr().out
