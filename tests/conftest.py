@@ -29,8 +29,12 @@ def cifar10_stub(tmp_path):
 
 # The digits end-to-end setup (tests/test_end_to_end.py, test_e2e_*.py); thresholds there were measured with
 # the pixel-space FD, so it is pinned.
+# The study's sampler protocol (harness.eval.select): EMAs and 2-step mid-points chosen on the selection set,
+# the mid-point over one grid of EDM noise levels (factor 2 from 0.025 to 3.2) for every method.
+SAMPLER_PROTOCOL = ["eval.selection=true", "eval.mid_sigma_grid=[0.025,0.05,0.1,0.2,0.4,0.8,1.6,3.2]"]
 E2E_COMMON = ["data=digits", "model=unet-xs", "trainer.optimizer=adam", "trainer.batch_size=128",
-              "trainer.ema_betas=[]", "trainer.ema_stds=[0.05]", "eval.num_samples=600", "eval.metric=pixel_fd"]
+              "trainer.ema_betas=[]", "trainer.ema_stds=[0.05]", "eval.num_samples=600", "eval.metric=pixel_fd",
+              *SAMPLER_PROTOCOL]
 
 
 def _teacher_run(tmp_path_factory, method: str, *extra: str):

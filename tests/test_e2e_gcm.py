@@ -12,11 +12,12 @@ import pytest
 
 from harness.config import compose
 from harness.train.cli import run
+from tests.conftest import SAMPLER_PROTOCOL
 
 STEPS = 600
 COMMON = ["data=digits", "model=unet-xs", "method=gcm", "trainer.optimizer=adam", "trainer.lr=3e-3",
           "trainer.batch_size=128", "trainer.threads=1", "trainer.ema_betas=[]", "trainer.ema_stds=[0.05]",
-          f"trainer.steps={STEPS}", "eval.num_samples=600", f"eval.every_steps={STEPS}", "eval.steps=[1,2]"]
+          f"trainer.steps={STEPS}", "eval.num_samples=600", f"eval.every_steps={STEPS}", "eval.steps=[1,2]", *SAMPLER_PROTOCOL]
 VARIANTS = {"cu": ["method.variant=cu"], "vu": ["method.variant=vu", "model.extra_cond_dim=1"]}
 
 

@@ -64,10 +64,10 @@ def test_discrete_consistency_methods_learn_the_digits(method, teacher, tmp_path
     assert final[2] < start[(0, 2)] and final[1] < start[(0, 1)]
     if method == "cd":
         # Distilled from the teacher's ODE, CD's 1-step samples reach the teacher's level within a few
-        # hundred steps (~2.5 vs the teacher's 1-step 20 it starts from); on these 8x8 digits a second step
-        # then brings no further gain at this budget (the CM paper's 2-step gain on CIFAR-10, 3.55 -> 2.93,
-        # is after 800k iterations). So: both far below the start, and the second step costs little.
-        assert final[1] < start[(0, 1)] / 4 and final[2] < 1.5 * final[1]
+        # hundred steps (~2.5 vs the teacher's 1-step 20 it starts from). 2 steps beat 1 (CM paper Tab. 1:
+        # 3.55 -> 2.93 on CIFAR-10, 17% better) once the mid-point is chosen on the selection set: measured
+        # here 2.49 / 2.41 / 2.47 -> 2.33 / 2.25 / 2.31 (seeds 0-2, 6-7% better, mid sigma 0.1), so a 3% margin.
+        assert final[1] < start[(0, 1)] / 4 and final[2] < 0.97 * final[1]
     else:
         # Trained from scratch: 2 steps beat 1 (the CM and iCT papers' ordering) and beat the untrained net.
         assert final[2] < final[1] and final[2] < untrained_2step / 3
