@@ -9,23 +9,13 @@ over seeds, and the number of seeds.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 import numpy as np
-from scipy import stats
 
+from harness.analysis.claims import log_t_interval
 from harness.analysis.collect import CollectConfig, fit_points
 from harness.analysis.runs import load_runs
-
-
-def geo_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
-    logs = np.log(values)
-    mean = float(logs.mean())
-    if len(logs) < 2:
-        return math.exp(mean), math.nan, math.nan
-    half = float(stats.t.ppf((1 + level) / 2, len(logs) - 1) * logs.std(ddof=1) / math.sqrt(len(logs)))
-    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         cells = []
         for nfe in (1, 2):
             v = grp.loc[grp["nfe"] == nfe, "value"].to_numpy(float)
-            g, lo, hi = geo_interval(v) if len(v) else (math.nan,) * 3
-            cells.append(f"{g:.0f} [{lo:.0f}, {hi:.0f}]")
+            eff = log_t_interval(np.log(v))
+            cells.append(f"{eff.estimate:.0f} [{eff.lo:.0f}, {eff.hi:.0f}]")
         print(f"| {method} | {lr:g} | {int(steps)} | {cells[0]} | {cells[1]} | {grp['cfg.seed'].nunique()} |")
     return 0
 

@@ -56,7 +56,7 @@ class Effect:
     n: int               # seeds (or points for a fit)
 
 
-def _t_interval(logs: np.ndarray, level: float) -> Effect:
+def log_t_interval(logs: np.ndarray, level: float = 0.95) -> Effect:
     """exp(mean +- t_{n-1} se) of log ratios, one per seed."""
     logs = logs[np.isfinite(logs)]
     n = len(logs)
@@ -121,7 +121,7 @@ def two_step_claims(pts, methods, x, level):
         if common:
             top = common[-1]
             logs = np.log(two.loc[top].reindex(one.columns).to_numpy(float) / one.loc[top].to_numpy(float))
-            eff, where = _t_interval(logs, level), f"{x} = {report.fmt(top)}"
+            eff, where = log_t_interval(logs, level), f"{x} = {report.fmt(top)}"
         else:
             eff, where = Effect(math.nan, math.nan, math.nan, 0), "no budget with both"
         rows.append(_row(f"{DISPLAY[method]}: 2 steps beat 1", TWO_STEP_SOURCE.get(method, ""),
@@ -137,7 +137,7 @@ def pair_claim(pts, a, b, nfe, x, level, claim, source):
     seeds = sorted(set(sa.columns) & set(sb.columns))
     logs = np.array([np.nanmean(np.log(sa.loc[budgets, s].to_numpy(float) / sb.loc[budgets, s].to_numpy(float)))
                      for s in seeds]) if budgets and seeds else np.array([])
-    eff = _t_interval(logs, level)
+    eff = log_t_interval(logs, level)
     test = (f"per seed, the mean over the {len(budgets)} budgets both have ({x} "
             f"{report.fmt(budgets[0]) if budgets else '-'} to {report.fmt(budgets[-1]) if budgets else '-'}) of "
             f"ln({DISPLAY[a]} / {DISPLAY[b]}) at NFE {nfe}, student training only (teacher not counted); "
@@ -182,7 +182,7 @@ def teacher_gaps(pts: pd.DataFrame, x: str, level: float) -> pd.DataFrame:
         if len(names) != 1 or next(iter(names)) not in teachers:
             continue
         teacher = teachers[next(iter(names))]
-        eff = _t_interval(np.log(grp["value"].to_numpy(float) / teacher), level)
+        eff = log_t_interval(np.log(grp["value"].to_numpy(float) / teacher), level)
         rows.append({"method": DISPLAY.get(method, method), "nfe": nfe, x: budget, "teacher_score": teacher,
                      "student_mean": float(grp["value"].mean()), "ratio": eff.estimate, "lo": eff.lo,
                      "hi": eff.hi, "seeds": eff.n})
