@@ -157,31 +157,31 @@ def _source_name(value) -> str:
     return Path(str(value)).name if isinstance(value, str) and value else ""
 
 
+def _teacher_score(grp: pd.DataFrame, teachers: dict[str, float]) -> float | None:
+    """The score of the one teacher run (cfg.teacher, else cfg.init_from) the runs of `grp` name; None when
+    they name none, several, or one that is not among the collected teachers."""
+    blank = [""] * len(grp)
+    names = {_source_name(t) or _source_name(i)
+             for t, i in zip(grp.get("cfg.teacher", blank), grp.get("cfg.init_from", blank))} - {""}
+    return teachers.get(next(iter(names))) if len(names) == 1 else None
+
+
 def teacher_levels(pts: pd.DataFrame) -> dict[str, float]:
     """{student method: its teacher's best score} where every run of the method has the same teacher."""
     teachers = _teacher_scores(pts)
-    out = {}
-    for method, grp in pts[~pts["method"].isin(TEACHERS)].groupby("method"):
-        names = {_source_name(t) or _source_name(i) for t, i in
-                 zip(grp.get("cfg.teacher", [""] * len(grp)), grp.get("cfg.init_from", [""] * len(grp)))}
-        if len(names) == 1 and next(iter(names)) in teachers:
-            out[str(method)] = teachers[next(iter(names))]
-    return out
+    levels = {str(m): _teacher_score(grp, teachers) for m, grp in pts[~pts["method"].isin(TEACHERS)].groupby("method")}
+    return {m: v for m, v in levels.items() if v is not None}
 
 
 def teacher_gaps(pts: pd.DataFrame, x: str, level: float) -> pd.DataFrame:
     """Every student's score over its own teacher's (NFE 1 and 2, per budget, over seeds)."""
     teachers = _teacher_scores(pts)
-    col = "cfg.teacher" if "cfg.teacher" in pts else None
     rows = []
     students = pts[~pts["method"].isin(TEACHERS)]
     for (method, nfe, budget), grp in students.groupby(["method", "nfe", x], sort=True):
-        names = {(_source_name(t) or _source_name(i)) for t, i in
-                 zip(grp[col] if col else [""] * len(grp), grp.get("cfg.init_from", [""] * len(grp)))}
-        names.discard("")
-        if len(names) != 1 or next(iter(names)) not in teachers:
+        teacher = _teacher_score(grp, teachers)
+        if teacher is None:
             continue
-        teacher = teachers[next(iter(names))]
         eff = log_t_interval(np.log(grp["value"].to_numpy(float) / teacher), level)
         rows.append({"method": DISPLAY.get(method, method), "nfe": nfe, x: budget, "teacher_score": teacher,
                      "student_mean": float(grp["value"].mean()), "ratio": eff.estimate, "lo": eff.lo,

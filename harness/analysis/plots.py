@@ -46,7 +46,7 @@ METHOD_COLORS = dict(zip(METHOD_ORDER, _COLORS))
 def _palette(points: pd.DataFrame) -> dict:
     methods = sorted(points["method"].astype(str).unique(),
                      key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m))
-    spare = iter([c for c in sns.color_palette("dark", 10)])
+    spare = iter(sns.color_palette("dark", 10))
     return {m: METHOD_COLORS[m] if m in METHOD_COLORS else next(spare) for m in methods}
 
 

@@ -88,7 +88,7 @@ def score(method, nets: dict[str, torch.nn.Module], data, ecfg, device, step: in
                 else:
                     sel_value = value_of(selection, sample(net, steps, sel_seed, sel_num)[0])
                 protocol.update({"selection_value": sel_value, "selection_samples": sel_num,
-                                 "selection_reference": selection_reference(selection, metric.data_cfg),
+                                 "selection_reference": selection_reference(selection),
                                  "selection_sec": time.perf_counter() - t_select})
             with mid_times(method, chosen):
                 x, sample_sec = sample(net, steps, ecfg.seed)

@@ -54,10 +54,11 @@ def build_selection_metric(ecfg, data, device, data_cfg=None) -> Metric:
     return build_metric(sel_cfg, sel_data, device, data_cfg)
 
 
-def selection_reference(metric: Metric, data_cfg=None) -> str:
-    xflip = bool(getattr(data_cfg, "xflip", False))
-    return (f"{len(metric.data.heldout_x)} training items (fixed subset, seed {SELECTION_SEED}"
-            f"{', mirrored copies left out' if xflip else ''}), samples seeded eval.seed + {SELECTION_SEED_OFFSET}")
+def selection_reference(selection: Metric) -> str:
+    """What a selection metric (build_selection_metric) scores against, for the record."""
+    return (f"{len(selection.data.heldout_x)} training items (fixed subset, seed {SELECTION_SEED}"
+            f"{', mirrored copies left out' if selection.xflip else ''}), samples seeded eval.seed + "
+            f"{SELECTION_SEED_OFFSET}")
 
 
 def searchable(method, steps: int) -> bool:

@@ -103,8 +103,9 @@ def time_breakdown(runs: list[PlannedRun]) -> dict[str, float]:
 
 
 def write_summary(sweep: Sweep, runs: list[PlannedRun], status: dict[str, str], wall_sec: float,
-                  collect_sec: float | None = None) -> Path:
-    parts = time_breakdown(runs)
+                  collect_sec: float | None = None, parts: dict[str, float] | None = None) -> Path:
+    """summary.md: where the time went (`parts`, default time_breakdown(runs)) and every run's scores."""
+    parts = dict(time_breakdown(runs) if parts is None else parts)
     if collect_sec is not None:
         parts["collect (fits, claims, tables, plots)"] = collect_sec
     times = ["## Where the time went", "", "Seconds summed over runs (the local launcher runs several at once, "
@@ -183,19 +184,20 @@ def dispatch(sweep: Sweep, runs: list[PlannedRun], args, extra: list[str], launc
                   else run_state(r.run_dir) for r in runs}
         write_manifest(sweep, runs, status, launcher_name, args.spec, extra)
     wall = time.time() - tic
-    summary = write_summary(sweep, runs, status, wall)
     for r in runs:
         if _is_failed(status[r.run_id]):
             print(f"FAILED {Path(r.run_dir).name}: {status[r.run_id]} (log: {sweep.out_dir / 'logs' / r.run_id}.log)")
     if not todo:
         print(progress_line(status, wall))
-    print(f"summary: {summary}", flush=True)
     tic_collect = time.time()
-    rc = collect_results(sweep.out_dir)
-    write_summary(sweep, runs, status, wall, collect_sec=time.time() - tic_collect)
-    for part, sec in time_breakdown(runs).items():
+    rc = collect_results(sweep.out_dir)         # reports its own errors, never raises
+    collect_sec = time.time() - tic_collect
+    parts = time_breakdown(runs)
+    summary = write_summary(sweep, runs, status, wall, collect_sec=collect_sec, parts=parts)
+    for part, sec in parts.items():
         print(f"time: {part} {sec:.0f} s (summed over runs)")
-    print(f"time: collect {time.time() - tic_collect:.0f} s; sweep wall {wall:.0f} s", flush=True)
+    print(f"time: collect {collect_sec:.0f} s; sweep wall {wall:.0f} s", flush=True)
+    print(f"summary: {summary}", flush=True)
     return 0 if rc == 0 and all(s == "completed" for s in status.values()) else 1
 
 
