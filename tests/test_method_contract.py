@@ -228,7 +228,7 @@ def test_state_round_trip_gives_the_same_next_loss(name):
     buf = io.BytesIO()
     torch.save(method.state_dict(), buf)
     buf.seek(0)
-    state = torch.load(buf, weights_only=False)
+    state = torch.load(buf, weights_only=True)
 
     fresh = methods.get(name)(_config(name), SHAPE, NUM_CLASSES)
     fresh.attach(start)

@@ -117,7 +117,7 @@ def test_saved_emas_equal_the_recomputed_ema_of_their_step(tiny_run):
     """Each kept checkpoint's harness.pt holds, for every EMA, the recomputed EMA after its own step."""
     refs = _reference_emas(tiny_run)
     for path in checkpoint.list_checkpoints(tiny_run["run_dir"]):
-        state = torch.load(path / "harness.pt", weights_only=False)
+        state = torch.load(path / "harness.pt", weights_only=True)
         step = state["counters"]["step"]
         assert checkpoint.step_name(step) == path.name and set(state["emas"]) == NAMES
         for name, per_step in refs.items():

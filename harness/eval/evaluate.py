@@ -104,7 +104,7 @@ def load_networks(run_dir: Path, cfg: DictConfig, data, device):
         raise EvaluateError(f"{run_dir} has no checkpoint (checkpoints/step-*/): train it first")
     for ckpt in ckpts:
         try:
-            state = torch.load(ckpt / "harness.pt", map_location="cpu", weights_only=False)
+            state = torch.load(ckpt / "harness.pt", map_location="cpu", weights_only=True)
             weights = state["emas"] or {"net": _engine_weights(ckpt)}
             break
         except Exception as exc:

@@ -107,9 +107,9 @@ def load_latest(engine, run_dir: Path, rank: int,
     for path in map(Path, candidates):
         state = rng = problem = None
         try:
-            state = torch.load(path / "harness.pt", map_location="cpu", weights_only=False)
+            state = torch.load(path / "harness.pt", map_location="cpu", weights_only=True)
             rng_file = path / f"rng-rank{rank}.pt"
-            rng = torch.load(rng_file, weights_only=False) if rng_file.exists() else None
+            rng = torch.load(rng_file, weights_only=True) if rng_file.exists() else None
         except Exception as exc:
             problem = exc
         if eng.all_true(problem is None):
