@@ -171,9 +171,9 @@ def test_shipped_specs_expand(spec, capsys, tmp_path, monkeypatch):
     sweep, extra = load_spec(str(ROOT / "sweeps" / f"{spec}.yaml"), ["out=/nonexistent/out"])
     runs = expand(sweep, extra)
     assert runs and len({r.run_id for r in runs}) == len(runs)
-    if spec == "recipes_digits":         # ECT and CD x 3 learning rates x 2 budgets x 3 seeds, one teacher
-        assert len(runs) == 2 * 3 * 2 * 3 + 1
-    elif spec != "smoke":
+    if spec == "recipes_digits":         # every method x 2 learning rates x 2 budgets x 3 seeds, two teachers
+        assert len(runs) == 8 * 2 * 2 * 3 + 2
+    if spec != "smoke":
         import methods
         students = {r.method for r in runs if r.method not in ("edm", "trigflow")}
         assert students == set(methods.names()) - {"edm", "trigflow"} and len(students) == 8
