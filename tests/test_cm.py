@@ -270,7 +270,7 @@ def test_config_errors_for_the_discrete_methods(tmp_path):
     with pytest.raises(ConfigError, match="method cd distills a teacher: set teacher=RUN_DIR"):
         compose(["method=cd"])
     with pytest.raises(ConfigError, match="distance=lpips needs the LPIPS weights: .*method.lpips_weights=FOLDER"):
-        compose(["method=ct", "method.preset=cifar10"])
+        compose(["method=ct", "preset=cifar10"])
     with pytest.raises(ConfigError, match=f"LPIPS weight file {tmp_path}/{VGG_FILE} is missing"):
         compose(["method=ct", "method.distance=lpips", f"method.lpips_weights={tmp_path}"])
     with pytest.raises(ConfigError, match="unknown method.distance 'l3'; valid: l2, l1, pseudo_huber, lpips"):

@@ -328,7 +328,7 @@ def test_model_requirements_and_compose():
         compose(["method=gcm", "model=unet-xs", "model.extra_cond_dim=1"])
     cfg = compose(["method=gcm", "method.variant=vu", "model=unet-xs", "model.extra_cond_dim=1"])
     assert cfg.method.preset == "tiny" and cfg.method.loss == "mmd"
-    assert compose(["method=gcm", "method.preset=cifar10", "model=unet-xs"]).method.eps == 0.005
+    assert compose(["method=gcm", "preset=cifar10", "model=unet-xs"]).method.eps == 0.005
 
 
 def test_mmd_defaults_follow_variant():

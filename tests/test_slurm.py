@@ -315,3 +315,23 @@ def test_two_ranks_through_submitits_torch_distributed_environment(cluster, tmp_
     assert statuses == {"dp": "completed"}
     derived = json.loads(Path(run.run_dir, "derived.json").read_text())
     assert derived["world_size"] == 2 and derived["batch_per_rank"] == 16
+
+
+@pytest.mark.slurm
+def test_hydra_multirun_through_the_submitit_launcher(cluster, tmp_path):
+    """`python -m harness.train -m hydra/launcher=submitit_slurm ...`: each job of the grid is a SLURM job
+    that trains its run into hydra.sweep.dir/<job number>, and the command waits for them and exits 0."""
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                               "MASTER_PORT")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    proc = subprocess.run([sys.executable, "-m", "harness.train", "-m", "hydra/launcher=submitit_slurm",
+                           "hydra.launcher.timeout_min=10", "hydra.launcher.cpus_per_task=1",
+                           f"hydra.sweep.dir={tmp_path / 'grid'}", "method=ect,ict", *TINY, "trainer.steps=4"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for num, method in ((0, "ect"), (1, "ict")):
+        run_dir = tmp_path / "grid" / str(num)
+        assert json.loads((run_dir / "config.json").read_text())["method"]["name"] == method
+        result = json.loads((run_dir / "result.json").read_text())
+        assert result["status"] == "completed" and result["steps"] == 4

@@ -214,7 +214,7 @@ def test_presets_compose():
     assert cfg.method.preset == "tiny" and cfg.method.huber_c == pytest.approx(0.00054 * 8)
     assert cfg.method.weighting == "inv_dt_delta"
     for preset, q, stages in (("cifar10", 2.0, 8), ("imagenet64", 4.0, 4)):
-        c = compose(["method=stable_ct", f"method.preset={preset}", "model=unet-xs"])
+        c = compose(["method=stable_ct", f"preset={preset}", "model=unet-xs"])
         assert (c.method.q, c.method.stages, c.method.weighting) == (q, stages, "inv_dt_delta")
     with pytest.raises(ConfigError, match="unknown method.reference 'x'"):
         compose(["method=stable_ct", "method.reference=x"])

@@ -188,7 +188,7 @@ def test_epoch_sampler_order_and_rank_slices():
 def test_method_state_and_presets_resolve(compose_run):
     cfg = compose_run("method=ect")
     assert cfg.method.preset == "tiny" and cfg.method.huber_c == pytest.approx(0.00054 * math.sqrt(64), abs=1e-5)
-    cfg = compose_run("method=ect", "method.preset=imagenet64", "method.q=8")
+    cfg = compose_run("method=ect", "preset=imagenet64", "method.q=8")
     assert cfg.method.p_mean == -0.8 and cfg.method.weighting == "inv_t2_plus_inv_sd2"
     assert cfg.method.q == 8.0                                   # the command line wins over the preset
     assert ECTConfig().q == 2.0

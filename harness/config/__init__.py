@@ -1,9 +1,11 @@
-"""Typed run configuration: Hydra structured configs, composed from command-line overrides.
+"""Typed run configuration: Hydra structured configs in a ConfigStore, plus the `recipe` group of paper setups
+(harness/config/recipe/*.yaml, Hydra experiment configs), composed by Hydra for `python -m harness.train` and
+by `compose()` (Hydra's compose API over the same store) for sweeps and tests.
 
-Groups: `method` (the registry), `model` (harness.nets presets), `data` (harness.data presets),
-`trainer`, `eval`, `launcher`. A method's constants come from its preset (`method.preset`, `auto`
-picks the one named after the dataset, else `tiny`); keys set on the command line win over the preset.
-Every bad input is a one-line `ConfigError` raised before any work starts.
+Groups: `method` (the registry), `model` (harness.nets presets), `data` (harness.data presets), `preset` (a
+method's constants; `auto` picks the one named after the dataset, else `tiny`), `recipe`. Composition order:
+schema, method, model, data, the method's preset, a recipe, then the command line, so a key set on the command
+line always wins. Every bad input is a one-line `ConfigError` raised before any work starts.
 """
 from __future__ import annotations
 
@@ -13,9 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 
 class ConfigError(ValueError):
@@ -83,8 +83,6 @@ class LauncherConfig:
 
 @dataclass
 class Config:
-    defaults: list[Any] = field(default_factory=lambda: [
-        {"method": "ect"}, {"model": "unet-s"}, {"data": "digits"}, "_self_"])
     method: Any = MISSING
     model: Any = MISSING
     data: Any = MISSING
@@ -96,61 +94,107 @@ class Config:
     init_from: str = ""                # a finished run (e.g. an `edm` teacher) to start the weights from
     init_ema: str = ""                 # which of its EMAs to start from ("" = its first)
     teacher: str = ""                  # frozen teacher run for distillation methods
-    recipe: str = ""                   # a paper setup from harness/config/recipes/ (its overrides come first)
+    recipe: str = ""                   # the paper setup from harness/config/recipe/ it was composed with
 
 
-GROUPS = ("method", "model", "data")
+# Hydra config groups a user chooses from (group=option). `preset` picks a method's constants: `auto` follows
+# the dataset. Hydra composes the choice through a hidden group of (method, preset, data) nodes, interpolated
+# in the defaults list, so a preset is merged by Hydra after the method and before anything the user sets.
+GROUPS = ("method", "model", "data", "preset", "recipe")
+PRESET_NODES = "method_preset"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("adam", "adamw", "radam")
 LR_SCHEDULES = ("constant", "inverse_sqrt")
-_registered: set[str] = set()   # method names already in the ConfigStore
-
-
-def group_choices() -> dict[str, list[str]]:
-    import methods
-    from harness.data import DATASETS
-    from harness.nets import MODEL_PRESETS
-    return {"method": methods.names(), "model": sorted(MODEL_PRESETS), "data": sorted(DATASETS)}
-
-
-def _register() -> None:
-    """Put the schema and every group option into Hydra's ConfigStore (again for late registrations)."""
-    from hydra.core.config_store import ConfigStore
-
-    import methods
-    from harness.data import DATASETS
-    from harness.nets import MODEL_PRESETS
-    cs = ConfigStore.instance()
-    if not _registered:
-        cs.store(name="cmbench", node=Config)
-        for name, node in MODEL_PRESETS.items():
-            cs.store(group="model", name=name, node=node)
-        for name, node in DATASETS.items():
-            cs.store(group="data", name=name, node=node)
-    for name in methods.names():
-        if name not in _registered:
-            cs.store(group="method", name=name, node=methods.get(name).Config())
-            _registered.add(name)
-
-
-RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
+CONFIG_MODULE = "harness.config"     # its recipe/ folder is the `recipe` group (Hydra experiment configs)
+RECIPE_DIR = Path(__file__).resolve().parent / "recipe"
+_UNKNOWN = "unknown:"                # a method_preset node for a preset the method does not have
+_registered: set[str] = set()        # method names already in the ConfigStore
 
 
 def recipes() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
 
 
-def expand_recipe(overrides: list[str]) -> list[str]:
-    """`recipe=NAME` puts the recipe's overrides first, so everything on the command line wins."""
-    named = [o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")]
-    if not named:
-        return list(overrides)
-    if len(named) > 1:
-        raise ConfigError(f"recipe is given {len(named)} times ({', '.join(named)}); give one")
-    if named[0] not in recipes():
-        raise ConfigError(f"unknown recipe '{named[-1]}'; valid: {', '.join(recipes())}")
-    recipe = yaml.safe_load((RECIPE_DIR / f"{named[0]}.yaml").read_text())
-    return [*recipe, *overrides]
+def presets() -> list[str]:
+    import methods
+    return ["auto", *sorted({p for n in methods.names() for p in methods.get(n).PRESETS} - {"auto"})]
+
+
+def group_choices() -> dict[str, list[str]]:
+    import methods
+    from harness.data import DATASETS
+    from harness.nets import MODEL_PRESETS
+    return {"method": methods.names(), "model": sorted(MODEL_PRESETS), "data": sorted(DATASETS),
+            "preset": presets(), "recipe": recipes()}
+
+
+def _preset_node(cls, preset: str, dataset: str) -> dict:
+    resolved = cls.preset_for(dataset) if preset == "auto" else preset
+    if resolved not in cls.PRESETS:
+        return {"preset": _UNKNOWN + preset}
+    return {**cls.PRESETS[resolved], "preset": resolved}
+
+
+HYDRA_SETTINGS = {
+    # No change of directory and nothing written by Hydra: a run writes only its run directory, which
+    # hydra.run.dir / hydra.sweep.dir(/subdir) name when given (harness.train.cli.run_dir_of).
+    "job": {"chdir": False},
+    "output_subdir": None,
+    "run": {"dir": "."},
+    "sweep": {"dir": "runs", "subdir": "."},   # -m writes runs/multirun.yaml (the grid last launched)
+}
+
+
+def register() -> None:
+    """Put the schema, every group option and the primary config into Hydra's ConfigStore (again for
+    methods registered later)."""
+    from hydra.core.config_store import ConfigStore
+
+    import methods
+    from harness.data import DATASETS
+    from harness.nets import MODEL_PRESETS
+    cs = ConfigStore.instance()
+    names = methods.names()
+    if not _registered:
+        cs.store(name="cmbench_schema", node=Config)
+        for name, node in MODEL_PRESETS.items():
+            cs.store(group="model", name=name, node=node)
+        for name, node in DATASETS.items():
+            cs.store(group="data", name=name, node=node)
+    choices = presets()
+    for name in choices:
+        cs.store(group="preset", name=name, node={}, package="_global_")
+    for name in names:
+        cls = methods.get(name)
+        if name not in _registered:
+            cs.store(group="method", name=name, node=cls.Config())
+            _registered.add(name)
+        for preset in choices:
+            for dataset in DATASETS:
+                cs.store(group=PRESET_NODES, name=f"{name}-{preset}-{dataset}", package="method",
+                         node=_preset_node(cls, preset, dataset))
+    cs.store(name="cmbench", node={
+        "defaults": ["cmbench_schema", {"method": "ect"}, {"model": "unet-s"}, {"data": "digits"},
+                     {"preset": "auto"}, {PRESET_NODES: "${method}-${preset}-${data}"}, "_self_",
+                     {"recipe": None},
+                     {"override hydra/job_logging": "none"}, {"override hydra/hydra_logging": "none"}],
+        "hydra": {**HYDRA_SETTINGS, "help": {"app_name": "harness.train", "template": help_text()}}})
+
+
+def help_text() -> str:
+    """`python -m harness.train --help`: the groups with their choices, then the composed config."""
+    lines = ["harness.train: train one run (or, with -m, a grid of runs) into its run directory.",
+             "Running the same command again resumes it, or reports its result when it completed.",
+             "", "Usage: python -m harness.train [group=option ...] [key=value ...] [-m] [--cfg job|--info|...]",
+             "", "== Config groups (group=option) =="]
+    for group, options in group_choices().items():
+        lines.append(f"{group}: {', '.join(options)}")
+    lines += ["", "preset=auto follows the dataset; recipe=NAME is a paper setup (harness/config/recipe/).",
+              "Output: run_dir=DIR, or Hydra's hydra.run.dir=DIR (-m: hydra.sweep.dir=DIR, one sub-folder per",
+              "job: hydra.sweep.subdir, default the job's number); neither = runs/<method>-<model>-<data>-<hash>.",
+              "", "== Config (key=value; shown with the overrides given) ==", "$CONFIG",
+              "Hydra's own options: --hydra-help"]
+    return "\n".join(lines)
 
 
 def _parse(overrides: list[str]):
@@ -162,13 +206,24 @@ def _parse(overrides: list[str]):
         raise ConfigError(f"cannot parse override: {str(exc).splitlines()[0]}") from None
 
 
+def _is_hydra(o) -> bool:
+    return o.key_or_group == "hydra" or o.key_or_group.startswith(("hydra.", "hydra/"))
+
+
 def _check_groups(parsed) -> None:
-    """Group options (method=, model=, data=) exist; no +key / ~key."""
+    """Group options (method=, model=, data=, preset=, recipe=) exist; `method.preset` is a group."""
     choices = group_choices()
     for o in parsed:
-        if o.is_add() or o.is_delete():
-            raise ConfigError(f"adding or deleting keys is not supported ('{o.input_line}'); set existing keys")
-        if o.key_or_group in choices:
+        if o.key_or_group not in choices and (o.is_add() or o.is_force_add() or o.is_delete()):
+            raise ConfigError(f"'{o.input_line}': every key already exists (the schema is closed) and none can be "
+                              f"deleted; set it with {o.key_or_group}=VALUE")
+        if o.key_or_group in choices and (o.is_add() or o.is_force_add()):
+            raise ConfigError(f"'{o.input_line}': {o.key_or_group} is already a group of the config; "
+                              f"write {o.key_or_group}={o.value()}")
+        if o.key_or_group == "method.preset" and not o.is_delete():
+            raise ConfigError(f"a method's preset is a config group: write preset={o.value()} "
+                              f"(valid: {', '.join(choices['preset'])})")
+        if o.key_or_group in choices and not o.is_delete():
             value = o.value()
             if not isinstance(value, str) or value not in choices[o.key_or_group]:
                 raise ConfigError(f"unknown {o.key_or_group} '{value}'; valid: {', '.join(choices[o.key_or_group])}")
@@ -176,60 +231,56 @@ def _check_groups(parsed) -> None:
 
 def _check_keys(base: DictConfig, parsed) -> None:
     """Every other key exists in the composed schema, else the valid keys at that level are named."""
-    choices = GROUPS
     for o in parsed:
         key = o.key_or_group
-        if key in choices:
+        if key in GROUPS:
             continue
         node: Any = base
         parts = key.split(".")
         for i, part in enumerate(parts):
             if not isinstance(node, DictConfig) or part not in node:
                 where = ".".join(parts[:i]) or "the top level"
-                valid = ", ".join(k for k in node.keys() if k != "defaults") if isinstance(node, DictConfig) else ""
+                valid = ", ".join(node.keys()) if isinstance(node, DictConfig) else ""
                 raise ConfigError(f"unknown config key '{key}'; valid keys in {where}: {valid}")
             node = node[part]
 
 
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """Resolve overrides into the full run config (group choices, method preset, overrides)."""
-    from hydra import compose as hydra_compose, initialize
+    """Resolve overrides into the full run config, as `python -m harness.train` does (Hydra's compose API
+    over the same ConfigStore and recipe group); Hydra's own overrides (hydra.*, hydra/...) are ignored."""
+    from hydra import compose as hydra_compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    _register()
-    overrides = expand_recipe(list(overrides))
-    parsed = _parse(overrides)
+    register()
+    parsed = [o for o in _parse(list(overrides)) if not _is_hydra(o)]
     _check_groups(parsed)
+    overrides = [o.input_line for o in parsed]
     group_overrides = [o.input_line for o in parsed if o.key_or_group in GROUPS]
     GlobalHydra.instance().clear()
-    with initialize(version_base=None):
-        base = hydra_compose(config_name="cmbench", overrides=group_overrides)
-        _check_keys(base, parsed)
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
         try:
-            cfg = hydra_compose(config_name="cmbench", overrides=list(overrides))
-        except Exception as exc:   # type errors from OmegaConf, reported on one line
-            msg = " ".join(str(exc).split())
-            raise ConfigError(f"invalid override: {msg}") from None
-    _apply_method_preset(cfg, {o.key_or_group for o in parsed})
+            base = hydra_compose(config_name="cmbench", overrides=group_overrides)
+            _check_keys(base, parsed)
+            cfg = hydra_compose(config_name="cmbench", overrides=overrides, return_hydra_config=True)
+        except ConfigError:
+            raise
+        except Exception as exc:   # type errors from OmegaConf, reported on one line with their reason
+            reason = f": {str(exc.__cause__).splitlines()[0]}" if exc.__cause__ else ""
+            raise ConfigError(f"invalid override: {' '.join(str(exc).split())}{reason}") from None
+    GlobalHydra.instance().clear()
+    choices = cfg.hydra.runtime.choices
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return finish(cfg, choices.get("recipe"))
+
+
+def finish(cfg: DictConfig, recipe: str | None) -> DictConfig:
+    """What composition leaves to do: record the recipe's name, then check the values."""
+    if recipe:
+        with open_dict(cfg):
+            cfg.recipe = recipe
     validate(cfg)
     return cfg
-
-
-def _apply_method_preset(cfg: DictConfig, explicit: set[str]) -> None:
-    """Fill the method's fields from its preset, under the keys the user set explicitly."""
-    import methods
-    cls = methods.get(cfg.method.name)
-    preset = cfg.method.preset
-    if preset == "auto":
-        preset = cls.preset_for(cfg.data.name)
-    if preset not in cls.PRESETS:
-        raise ConfigError(f"unknown {cfg.method.name} preset '{preset}'; valid: auto, {', '.join(cls.PRESETS)}")
-    OmegaConf.set_struct(cfg, False)
-    cfg.method.preset = preset
-    for key, value in cls.PRESETS[preset].items():
-        if f"method.{key}" not in explicit:
-            cfg.method[key] = value
-    OmegaConf.set_struct(cfg, True)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -240,6 +291,10 @@ def validate(cfg: DictConfig) -> None:
     from harness.nets.attention import check_backend
     from harness.data import check_data_config
 
+    if str(cfg.method.preset).startswith(_UNKNOWN):
+        cls = methods.get(cfg.method.name)
+        raise ConfigError(f"unknown {cfg.method.name} preset '{cfg.method.preset[len(_UNKNOWN):]}'; valid: auto, "
+                          f"{', '.join(sorted(cls.PRESETS))}")
     t = cfg.trainer
     _one_of("trainer.precision", t.precision, PRECISIONS)
     _one_of("trainer.optimizer", t.optimizer, OPTIMIZERS)

@@ -15,13 +15,13 @@ DATA_SHAPES = {"digits": ((1, 8, 8), 10), "cifar10": ((3, 32, 32), 10), "imagene
 
 def compose_cached(overrides: list[str], cache: dict):
     """compose(overrides), composed by Hydra once per shape: runs that set the same keys with the same
-    group choices (method=, model=, data=, recipe=, method.preset=) share one composition, each run's
+    group choices (method=, model=, data=, preset=, recipe=) share one composition, each run's
     values are then set on a copy and checked by harness.config.validate (what compose itself does)."""
     from omegaconf import OmegaConf
 
-    from harness.config import GROUPS, _parse, compose, expand_recipe, validate
-    parsed = _parse(expand_recipe(list(overrides)))
-    fixed = (*GROUPS, "recipe", "method.preset")
+    from harness.config import GROUPS, _parse, compose, validate
+    parsed = _parse(list(overrides))
+    fixed = GROUPS
     key = (tuple(o.input_line for o in parsed if o.key_or_group in fixed), tuple(o.key_or_group for o in parsed))
     if key not in cache:
         cache[key] = compose(overrides)

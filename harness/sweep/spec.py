@@ -160,14 +160,25 @@ def _number(value: Any) -> float | int | None:
 
 
 def apply_cli(spec: dict, edits: list[str]) -> tuple[dict, list[str]]:
-    """Split command-line `key=value`s into spec edits (launcher=, launcher.local.workers=, out=, name=,
-    grid.KEY=[...]) and run overrides (everything else, applied to every run after the spec's)."""
+    """Split command-line overrides (Hydra's override grammar) into spec edits (launcher=,
+    launcher.local.workers=, out=, name=, grid.KEY=[...] or grid.KEY=a,b) and run overrides (everything
+    else, applied to every run after the spec's)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
     spec, extra = copy.deepcopy(spec), []
-    for item in edits:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise SpecError(f"override '{item}' is not key=value")
-        value = yaml.safe_load(raw) if raw else ""
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(edits))
+    except OverrideParseException as exc:
+        raise SpecError(f"cannot parse override: {str(exc).splitlines()[0]}") from None
+    for o in parsed:
+        key, item = o.key_or_group, o.input_line
+        if o.is_sweep_override():
+            value = list(o.sweep_iterator())
+            if not key.startswith("grid."):
+                raise SpecError(f"override '{item}': a list of values is a grid: write grid.{key}=...")
+        else:
+            value = o.value()
+            value = "" if value is None else value
         if key in ("launcher", "launcher.name"):
             spec.setdefault("launcher", {})["name"] = value
         elif key.split(".")[0] == "launcher" and key.split(".")[1:2] and key.split(".")[1] in LAUNCHER_OPTIONS:

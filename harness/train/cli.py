@@ -1,7 +1,10 @@
-"""`python -m harness.train method=ect model=unet-s data=digits trainer.steps=200 ...`
+"""`python -m harness.train method=ect model=unet-s data=digits trainer.steps=200 ...`, a Hydra application.
 
-Trains one run into its run directory; running the same command again resumes it (or, when it
-already completed, reports its result). `run(cfg)` is the entry point launchers call.
+Trains one run into its run directory; running the same command again resumes it (or, when it already
+completed, reports its result). `-m` runs a grid (`method=ect,ict`; Hydra's basic launcher here,
+`hydra/launcher=submitit_slurm` on SLURM); `--help`, `--cfg job`, `--info` and shell completion are Hydra's.
+Every job is composed and checked before Hydra starts any, so bad input is one line and writes nothing.
+`run(cfg)` is the entry point launchers call.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from harness.config import ConfigError, compose, default_run_dir
 from harness.train.rundir import RunDir, RunDirError, first_line
@@ -103,32 +106,96 @@ def _relaunch_distributed(nproc: int, argv: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    try:
-        cfg = compose(argv)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+# Hydra's flags that print something and run nothing, and those that take a value.
+_INFO_FLAGS = ("-h", "--help", "--hydra-help", "--version", "-c", "--cfg", "-i", "--info", "-sc",
+               "--shell-completion", "--resolve", "-p", "--package")
+_VALUE_FLAGS = ("-c", "--cfg", "-p", "--package", "-i", "--info", "-sc", "--shell-completion", "-cp",
+                "--config-path", "-cn", "--config-name", "-cd", "--config-dir", "--experimental-rerun")
+_exit_codes: list[int] = []   # one per job the Hydra app ran in this process
+
+
+def _split_argv(argv: list[str]) -> tuple[list[str], list[str], bool]:
+    """(Hydra's flags, the overrides, multirun?)."""
+    flags, overrides, it = [], [], iter(argv)
+    for arg in it:
+        if arg.startswith("-") and "=" not in arg:
+            flags.append(arg)
+            if arg in _VALUE_FLAGS and arg not in ("-i", "--info", "-sc", "--shell-completion", "-c", "--cfg"):
+                flags.append(next(it, ""))
+        else:
+            overrides.append(arg)
+    return flags, overrides, any(f in ("-m", "--multirun") for f in flags)
+
+
+def _grid(overrides: list[str]) -> list[list[str]]:
+    """The jobs of a multirun (Hydra's basic sweeper's expansion), Hydra's own overrides left out."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    from harness.config import _is_hydra, _parse
+    parsed = [o for o in _parse(overrides) if not _is_hydra(o)]
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def _precheck(overrides: list[str], multirun: bool) -> list[DictConfig]:
+    """Compose (and check) every job before Hydra starts anything, so bad input is one line and writes nothing."""
     from harness.train.trainer import check_source_run
-    for key, student in (("init_from", ""), ("teacher", cfg.method.name)):
-        try:
-            if cfg[key]:
-                check_source_run(cfg[key], cfg.data, student)
-        except ValueError as exc:
-            print(f"error: {key}: {exc}", file=sys.stderr)
-            return 2
-    if cfg.launcher.nproc > 1 and "RANK" not in os.environ:
-        return _relaunch_distributed(cfg.launcher.nproc, argv)
+    keys = {o.split("=", 1)[0] for o in overrides}
+    for hydra_key in ("hydra.run.dir", "hydra.sweep.dir"):
+        if "run_dir" in keys and hydra_key in keys:
+            raise ConfigError(f"run_dir= and {hydra_key}= both name the output; give one")
+    cfgs = [compose(job) for job in (_grid(overrides) if multirun else [overrides])]
+    for cfg in cfgs:
+        for key, student in (("init_from", ""), ("teacher", cfg.method.name)):
+            try:
+                if cfg[key]:
+                    check_source_run(cfg[key], cfg.data, student)
+            except ValueError as exc:
+                raise ConfigError(f"{key}: {exc}") from None
+    return cfgs
+
+
+def run_dir_of(cfg: DictConfig) -> str:
+    """The run directory a Hydra job trains into: run_dir=; else hydra.run.dir= (with -m: hydra.sweep.dir=/
+    hydra.sweep.subdir=, the subdir defaulting to the job's number) when given on the command line; else
+    the default runs/<method>-<model>-<data>-<hash>."""
+    from hydra.core.hydra_config import HydraConfig
+    hc = HydraConfig.get()
+    given = {o.split("=", 1)[0].lstrip("+") for o in hc.overrides.hydra}
+    if hc.mode.name == "MULTIRUN":
+        hydra_dir = None
+        if given & {"hydra.sweep.dir", "hydra.sweep.subdir"}:
+            subdir = hc.sweep.subdir if "hydra.sweep.subdir" in given else str(hc.job.num)
+            hydra_dir = str(Path(hc.sweep.dir) / subdir)
+    else:
+        hydra_dir = hc.run.dir if "hydra.run.dir" in given else None
+    if hydra_dir and cfg.run_dir and Path(cfg.run_dir).resolve() != Path(hydra_dir).resolve():
+        raise ConfigError(f"run_dir={cfg.run_dir} and Hydra's {hydra_dir} are different directories; give one")
+    return cfg.run_dir or hydra_dir or default_run_dir(cfg)
+
+
+def _job(cfg: DictConfig) -> dict | None:
+    """Hydra's task function: one run per job."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from harness.config import finish
+    hc = HydraConfig.get()
     try:
+        cfg = finish(cfg, hc.runtime.choices.get("recipe"))
+        with open_dict(cfg):
+            cfg.run_dir = run_dir_of(cfg)
         result = run(cfg)
-    except RunDirError as exc:
+    except (ConfigError, RunDirError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        _exit_codes.append(2)
+        return None
+    _exit_codes.append(_report(result))
+    remote = hc.mode.name == "MULTIRUN" and "BasicLauncher" not in str(hc.launcher.get("_target_", ""))
+    if remote and result["status"] != "completed":     # a cluster job: its failure reaches the launcher
+        raise RuntimeError(f"{result['run_dir']}: {result['status']}")
+    return result
+
+
+def _report(result: dict) -> int:
     status = result["status"]
     if int(os.environ.get("RANK", "0")) != 0:
         return 0 if status == "completed" else 1
@@ -137,6 +204,41 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {s['ema']:>16s} {s['steps']:>3d} step(s) (NFE {s['nfe']}): {s['metric']} "
               f"{s['value']:.3f} (floor {s['floor']:.3f})")
     return 0 if status == "completed" else 1
+
+
+def _hydra_app(argv: list[str]) -> int:
+    """Run the Hydra application on argv (its flags, overrides, -m)."""
+    import hydra
+
+    from harness.config import CONFIG_MODULE, register
+    register()
+    app = hydra.main(version_base=None, config_path=f"pkg://{CONFIG_MODULE}", config_name="cmbench")(_job)
+    saved = sys.argv
+    sys.argv = [saved[0] if saved and not saved[0].startswith("-") else "harness.train", *argv]
+    _exit_codes.clear()
+    try:
+        app()
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = saved
+    return max(_exit_codes, default=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    flags, overrides, multirun = _split_argv(argv)
+    if any(f in _INFO_FLAGS for f in flags):
+        return _hydra_app(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        cfgs = _precheck(overrides, multirun)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not multirun and cfgs[0].launcher.nproc > 1 and "RANK" not in os.environ:
+        return _relaunch_distributed(cfgs[0].launcher.nproc, argv)
+    return _hydra_app(argv)
 
 
 if __name__ == "__main__":
