@@ -18,11 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from harness.train.rundir import is_end
 from launchers.base import RENDEZVOUS_ENV, RunSpec, StageSpec, UpdateFn, execute
-
-
-def is_end(status: str) -> bool:
-    return status == "completed" or status.startswith("failed")
 
 
 def default_threads(workers: int) -> int:

@@ -14,16 +14,13 @@ from pathlib import Path
 
 import submitit
 
+from harness.train.rundir import is_end
 from launchers.base import RunSpec, execute
 
 
 class RunsFailed(RuntimeError):
     """Raised at the end of a task in which a run did not complete, so that SLURM marks the task FAILED
     (and `afterok` dependents of its stage never start)."""
-
-
-def _is_end(status: str) -> bool:
-    return status == "completed" or status.startswith("failed")
 
 
 def _record_failure(spec: RunSpec, status: str, trace: str) -> None:
@@ -34,7 +31,7 @@ def _record_failure(spec: RunSpec, status: str, trace: str) -> None:
     from harness.train.rundir import RunDir
     run_dir = RunDir(spec.run_dir)
     previous = run_dir.read_json("result.json") or {}
-    if _is_end(str(previous.get("status", ""))):
+    if is_end(str(previous.get("status", ""))):
         return
     Path(spec.run_dir).mkdir(parents=True, exist_ok=True)
     run_dir.write_json("result.json", {"status": status, "run_dir": spec.run_dir, "traceback": trace})
@@ -86,10 +83,8 @@ class RunTask(submitit.helpers.Checkpointable):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
         logging.getLogger().setLevel(logging.INFO)       # basicConfig is a no-op where a handler exists
         if self.world_size > 1:
-            # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT for harness.train.engine.setup_distributed; devices
-            # stay visible so each rank takes cuda:LOCAL_RANK
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
-                                                                   overwrite=True)
+            from harness.train.engine import export_slurm_env
+            export_slurm_env()
         _set_threads()
         statuses = {spec.run_id: run_one(spec, self.log_dir) for spec in self.runs}
         failed = {k: v for k, v in statuses.items() if v != "completed"}

@@ -15,15 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from harness.train.rundir import is_end, read_status  # is_end: re-exported for launchers.slurm
 from launchers.base import RunSpec, StageSpec, UpdateFn
 
 # SLURM states in which a job may still run (submitit's own list, plus the transient ones)
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING", "RESIZING", "SUSPENDED",
           "PREEMPTED", "REQUEUE_HOLD", "REQUEUE_FED", "UNKNOWN", "READY"}
-
-
-def is_end(status: str) -> bool:
-    return status == "completed" or status.startswith("failed")
 
 
 def signature(run_dir: str) -> list[int] | None:
@@ -33,13 +30,6 @@ def signature(run_dir: str) -> list[int] | None:
         return [st.st_mtime_ns, st.st_size]
     except OSError:
         return None
-
-
-def read_status(run_dir: str) -> str:
-    try:
-        return str(json.loads((Path(run_dir) / "result.json").read_text()).get("status", ""))
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return ""
 
 
 def scancel(job_ids: Sequence[str]) -> None:

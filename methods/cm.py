@@ -22,7 +22,7 @@ from torch import nn
 from methods import register
 from methods.base import Method, StepContext
 from methods.common import check_choice, huber_c_for_dim, karras_sigmas, per_sample_sq, pseudo_huber
-from methods.parameterization import EDMParam, _col
+from methods.parameterization import EDMParam, as_column
 from methods.sampling import consistency_sample, consistency_times
 
 DISTANCES = ("l2", "l1", "pseudo_huber", "lpips")
@@ -155,7 +155,7 @@ class DiscreteCM(Method):
 
     def target_point(self, ctx: StepContext, x0, eps, x_next, t_next, t_cur, y) -> torch.Tensor:
         """x^_{t_i}: shared noise x0 + t_i z [CM eq. 10 with the single-sample score]."""
-        return x0 + _col(t_cur, x0) * eps
+        return x0 + as_column(t_cur, x0) * eps
 
     # -- pieces --------------------------------------------------------------------------------
     def grid(self, n: int, device) -> torch.Tensor:
@@ -199,7 +199,7 @@ class DiscreteCM(Method):
         i = self.draw_index(ctx, grid, x0.shape[0])
         t_cur, t_next = grid[i], grid[i + 1]
         eps = ctx.randn_like(x0)
-        x_next = x0 + _col(t_next, x0) * eps
+        x_next = x0 + as_column(t_next, x0) * eps
         with torch.no_grad():
             x_cur = self.target_point(ctx, x0, eps, x_next, t_next, t_cur, y)
         rng = ctx.rng_state()
@@ -359,10 +359,10 @@ class CD(DiscreteCM):
 def ode_step(denoise, x: torch.Tensor, t_from: torch.Tensor, t_to: torch.Tensor, solver: str) -> torch.Tensor:
     """One step of the PF-ODE dx/dt = (x - D(x, t))/t from t_from to t_to (per-sample times, t_to > 0):
     Euler, or Heun's second-order correction [EDM Alg. 1; CM §4]."""
-    h = _col(t_to - t_from, x)
-    d = (x - denoise(x, t_from)) / _col(t_from, x)
+    h = as_column(t_to - t_from, x)
+    d = (x - denoise(x, t_from)) / as_column(t_from, x)
     x_euler = x + h * d
     if solver == "euler":
         return x_euler
-    d_next = (x_euler - denoise(x_euler, t_to)) / _col(t_to, x)
+    d_next = (x_euler - denoise(x_euler, t_to)) / as_column(t_to, x)
     return x + h * 0.5 * (d + d_next)

@@ -9,7 +9,7 @@ from methods import register
 from methods.base import Method, StepContext
 from methods.common import (WEIGHTINGS, adaptive_distance, check_choice, huber_c_for_dim, lognormal_t,
                             weighting)
-from methods.parameterization import EDMParam, _col
+from methods.parameterization import EDMParam, as_column
 from methods.sampling import consistency_sample, consistency_times
 
 MAPPINGS = ("sigmoid", "const")
@@ -84,7 +84,7 @@ class ECT(Method):
         stage = self.stage(ctx.step, ctx.total_steps)
         r = self.r_of_t(t, stage)
         eps = ctx.randn_like(x0)
-        x_t = x0 + _col(t, x0) * eps
+        x_t = x0 + as_column(t, x0) * eps
         x_r, target, extra = self.target_inputs(x0, y, eps, x_t, t, r)
 
         rng = ctx.rng_state()
@@ -95,7 +95,7 @@ class ECT(Method):
                 ctx.set_rng_state(rng)
             with torch.no_grad():
                 f_r = self.param.denoise(ctx.net_nograd, x_r, torch.where(mask, r, torch.ones_like(r)), y)
-            target = torch.where(_col(mask, x0), torch.nan_to_num(f_r), target)
+            target = torch.where(as_column(mask, x0), torch.nan_to_num(f_r), target)
         per = adaptive_distance(pred - target, c.huber_c, c.adaptive_p)
         loss = (weighting(c.weighting, t, r, c.sigma_data, c.delta) * per).mean()
         return {"loss": loss, f"{self.name}/stage": float(stage), f"{self.name}/r_over_t": (r / t).mean(),
@@ -104,7 +104,7 @@ class ECT(Method):
     def target_inputs(self, x0, y, eps, x_t, t, r) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """x_r, the r = 0 target and extra scalars to log: shared noise x_r = x0 + r eps [ECT eq. 12], and
         the boundary f(x0, 0) = x0 [ECT eq. 14]. SCT replaces both by its variance-reduced estimate."""
-        return x0 + _col(r, x0) * eps, x0, {}
+        return x0 + as_column(r, x0) * eps, x0, {}
 
     def default_steps(self) -> int:
         return len(self.cfg.mid_t) + 1

@@ -8,7 +8,7 @@ import torch
 from methods import register
 from methods.base import Method, StepContext
 from methods.common import check_label_dropout, drop_labels, check_choice, lognormal_t, per_sample_sq, pseudo_huber
-from methods.parameterization import EDMParam, _col
+from methods.parameterization import EDMParam, as_column
 from methods.sampling import heun_sample
 
 LOSSES = ("edm", "ect")
@@ -53,7 +53,7 @@ class EDM(Method):
         x0, y = batch["x"], batch.get("y")
         t = lognormal_t(x0.shape[0], self.cfg.p_mean, self.cfg.p_std, ctx.generator, x0.device)
         y = drop_labels(y, self.num_classes, self.cfg.label_dropout, ctx.generator)
-        x_t = x0 + _col(t, x0) * ctx.randn_like(x0)
+        x_t = x0 + as_column(t, x0) * ctx.randn_like(x0)
         D = self.param.denoise(ctx.net, x_t, t, y)
         if self.cfg.loss == "edm":
             sd = self.cfg.sigma_data

@@ -24,7 +24,7 @@ from methods.common import check_choice, per_sample_sq
 from methods.gcm_schedules import (DISCRETIZATIONS, LOSS_WEIGHTS, T_SAMPLERS, TIME_CONDS, loss_weight,
                                    step_h, tau_icdf, tau_pdf, time_cond, uniform_power_unit)
 from methods.mmd import time_aware_mmd
-from methods.parameterization import _col
+from methods.parameterization import as_column
 
 VARIANTS = ("cu", "vu")
 LOSSES = ("l2", "mmd")
@@ -133,12 +133,12 @@ class GCM(Method):
         kwargs = {}
         if c.variant == "vu":
             kwargs["extra"] = time_cond(s, c.time_cond, c.mu).reshape(-1, 1)   # c(.) on s too [AMBIG-5]
-        F = net(_col(c_in, x_t) * x_t, time_cond(t, c.time_cond, c.mu), y, **kwargs)
+        F = net(as_column(c_in, x_t) * x_t, time_cond(t, c.time_cond, c.mu), y, **kwargs)
         return c_out * F.to(x_t.dtype)
 
     def g(self, net, x_t, t, s, y=None) -> torch.Tensor:
         """g(x_t, t, s) = x_t + (s - t) f(x_t, t, s) [G Eq. 3]."""
-        return x_t + _col(s - t, x_t) * self.f(net, x_t, t, s, y)
+        return x_t + as_column(s - t, x_t) * self.f(net, x_t, t, s, y)
 
     def draw_times(self, ctx: StepContext, batch: int, device) -> dict[str, torch.Tensor]:
         """s, t | s, r and the per-sample weight omega = w(t)/p(t | s) [spec A.10 step 2]. Draw order: (u, v) of s
@@ -167,9 +167,9 @@ class GCM(Method):
         tm = self.draw_times(ctx, x.shape[0], x.device)
         s, t, r, omega = tm["s"], tm["t"], tm["r"], tm["omega"]
         z = ctx.randn_like(x) * c.noise_std
-        x_t = _col(1 - t, x) * x + _col(t, x) * z                     # OT-FM interpolant [G §2]
+        x_t = as_column(1 - t, x) * x + as_column(t, x) * z                     # OT-FM interpolant [G §2]
         u_t = z - x
-        x_r = x_t + _col(r - t, x) * u_t                              # Euler step = the interpolant at r [spec A.1]
+        x_r = x_t + as_column(r - t, x) * u_t                              # Euler step = the interpolant at r [spec A.1]
         rng = ctx.rng_state()
         F = self.f(ctx.net, x_t, t, s, y)
         if c.shared_dropout_mask:
@@ -234,12 +234,12 @@ class GCM(Method):
 def eq39_residual(u_t, F, F_r, t, r, s) -> torch.Tensor:
     """e = u_t - f(x_t,t,s) + (s - r)(sg f(x_t,t,s) - f-(x^_r,r,s))/(t - r) [G Eq. 39]; 0/0 -> 0 when r = t = s."""
     ratio = torch.where(t > r, (s - r) / (t - r).clamp_min(1e-12), torch.zeros_like(t))
-    return u_t - F + _col(ratio, F) * (F.detach() - F_r)
+    return u_t - F + as_column(ratio, F) * (F.detach() - F_r)
 
 
 def eq40_particles(x_t, x_r, F, F_r, t, r, s) -> tuple[torch.Tensor, torch.Tensor]:
     """a = x_t + (r - t) f + (s - r) sg f (value g(x_t,t,s), gradient scaled by r - t), b = sg(x^_r + (s - r) f-)
     [G Eq. 40, App. G.1]; ||a - b|| / (t - r) has Eq. 5's gradient."""
-    a = x_t + _col(r - t, F) * F + _col(s - r, F) * F.detach()
-    b = (x_r + _col(s - r, F_r) * F_r).detach()
+    a = x_t + as_column(r - t, F) * F + as_column(s - r, F) * F.detach()
+    b = (x_r + as_column(s - r, F_r) * F_r).detach()
     return a, b

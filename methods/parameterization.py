@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 
-def _col(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def as_column(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Reshape per-sample t [B] to broadcast against x [B, ...]."""
     return t.reshape(-1, *([1] * (like.ndim - 1)))
 
@@ -40,6 +40,6 @@ class EDMParam:
         """f_theta(x_t, t) in fp32; t is per-sample [B] and must be > 0."""
         x_t = x_t.float()
         t = t.float()
-        tc = _col(t, x_t)
+        tc = as_column(t, x_t)
         F = net(self.c_in(tc) * x_t, self.c_noise(t), class_labels, **net_kwargs)
         return self.c_skip(tc) * x_t + self.c_out(tc) * F.float()

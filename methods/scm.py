@@ -20,7 +20,7 @@ import torch
 from methods import register
 from methods.base import Method, StepContext
 from methods.common import check_choice, per_sample_sq
-from methods.parameterization import _col
+from methods.parameterization import as_column
 from methods.trigflow import TrigParam, proposal_t
 
 TANGENT_NORMS = ("l2", "rms", "clip", "none")
@@ -84,7 +84,7 @@ class SCM(Method):
 
     def velocity(self, ctx: StepContext, x0, z, x_t, t, y, extra) -> torch.Tensor:
         """dx_t/dt: the single-sample estimate cos t z - sin t x0 (sCT)."""
-        tc = _col(t, x0)
+        tc = as_column(t, x0)
         return torch.cos(tc) * z - torch.sin(tc) * x0
 
     def student_extra(self, ctx: StepContext | None, batch: int, device) -> torch.Tensor | None:
@@ -100,14 +100,14 @@ class SCM(Method):
         norm = per_sample_sq(g).sqrt()
         if c.tangent_norm == "rms":
             norm = norm / math.sqrt(g[0].numel())
-        return g / _col(norm + c.norm_c, g)
+        return g / as_column(norm + c.norm_c, g)
 
     def loss(self, ctx: StepContext, batch):
         c, sd = self.cfg, self.cfg.sigma_data
         x0, y = batch["x"], batch.get("y")
         t = proposal_t(x0.shape[0], c.p_mean, c.p_std, sd, ctx.generator, x0.device)
         z = ctx.randn_like(x0) * sd
-        cos, sin = torch.cos(_col(t, x0)), torch.sin(_col(t, x0))
+        cos, sin = torch.cos(as_column(t, x0)), torch.sin(as_column(t, x0))
         x_t = cos * x0 + sin * z
         extra = self.student_extra(ctx, x0.shape[0], x0.device)
         with torch.no_grad():
@@ -217,4 +217,4 @@ class SCD(SCM):
             return v_cond
         null = torch.zeros(y.shape[0], self.num_classes, device=x_t.device)       # the "no class" label
         v_uncond = self.param.velocity(ctx.teacher, x_t, t, null)
-        return v_uncond + _col(extra.reshape(-1), x_t) * (v_cond - v_uncond)     # CFG at scale s [spec 3]
+        return v_uncond + as_column(extra.reshape(-1), x_t) * (v_cond - v_uncond)     # CFG at scale s [spec 3]

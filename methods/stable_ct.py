@@ -17,7 +17,7 @@ import torch
 
 from methods import register
 from methods.ect import ECT, ECTConfig
-from methods.parameterization import _col
+from methods.parameterization import as_column
 
 REFERENCES = ("batch", "bank")
 R0_TARGETS = ("xbar0", "x0")
@@ -146,7 +146,7 @@ class StableCT(ECT):
         holding only the sample's own x0 gives ECT's x_r bit for bit."""
         xbar0, ess, count = posterior_mean(_flat(x_t), t.float(), self.references(x0, y), y)
         xbar0 = xbar0.reshape(x0.shape)
-        x_r = x0 + _col(r, x0) * eps + _col(1 - r / t, x0) * (xbar0 - x0)
+        x_r = x0 + as_column(r, x0) * eps + as_column(1 - r / t, x0) * (xbar0 - x0)
         boundary = xbar0 if self.cfg.r0_target == "xbar0" else x0
         logs = {f"{self.name}/ess": (ess / count).mean(),          # normalized: 1 = uniform weights, 1/n = one-hot
                 f"{self.name}/ess_samples": ess.mean(),          # effective references per sample (ECT: 1)

@@ -17,7 +17,7 @@ from torch import nn
 from methods import register
 from methods.base import Method, StepContext
 from methods.common import check_label_dropout, drop_labels, per_sample_sq
-from methods.parameterization import _col
+from methods.parameterization import as_column
 from methods.sampling import heun_sample
 
 
@@ -51,14 +51,14 @@ class TrigParam:
     def denoise(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
                 class_labels: torch.Tensor | None = None, **net_kwargs) -> torch.Tensor:
         """f(x_t, t) = cos(t) x_t - sin(t) sigma_d F  [sCM eq. 5 / 23]."""
-        tc = _col(t.float(), x_t)
+        tc = as_column(t.float(), x_t)
         return torch.cos(tc) * x_t.float() - torch.sin(tc) * self.velocity(net, x_t, t, class_labels, **net_kwargs)
 
     def edm_denoiser(self, net: nn.Module, class_labels: torch.Tensor | None = None):
         """The same network as an EDM denoiser D(x_sigma, sigma), for EDM's samplers [sCM eq. 30]."""
         def denoise(x_sigma: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
             t = t_from_sigma(sigma.float(), self.sigma_data)
-            return self.denoise(net, torch.cos(_col(t, x_sigma)) * x_sigma, t, class_labels)
+            return self.denoise(net, torch.cos(as_column(t, x_sigma)) * x_sigma, t, class_labels)
         return denoise
 
 
@@ -108,7 +108,7 @@ class TrigFlow(Method):
         t = proposal_t(x0.shape[0], c.p_mean, c.p_std, c.sigma_data, ctx.generator, x0.device)
         y = drop_labels(y, self.num_classes, self.cfg.label_dropout, ctx.generator)
         z = ctx.randn_like(x0) * c.sigma_data
-        tc = _col(t, x0)
+        tc = as_column(t, x0)
         x_t = torch.cos(tc) * x0 + torch.sin(tc) * z
         v_t = torch.cos(tc) * z - torch.sin(tc) * x0
         per = per_sample_sq(self.param.velocity(ctx.net, x_t, t, y) - v_t) / c.sigma_data ** 2

@@ -33,6 +33,11 @@ ROOT = Path(__file__).resolve().parent.parent
     ("trainer.ema_betas=[1.5]", r"trainer.ema_betas must lie in \(0, 1\)"),
     ("eval.num_samples=1", "eval.num_samples must be >= 2"),
     ("launcher.nproc=3", "launcher.nproc=3 must be >= 1 and divide trainer.batch_size=128"),
+    ("trainer.deepspeed={train_batch_size:3}", "DeepSpeed option.s. train_batch_size are set by the harness"),
+    ("trainer.deepspeed={zero_optimization:{stage:3}}", "zero_optimization.stage are set by the harness"),
+    ("trainer.deepspeed=5", "trainer.deepspeed=5 must be a mapping"),
+    ("trainer.deepspeed_config=/nonexistent/ds.json", "trainer.deepspeed_config=/nonexistent/ds.json cannot be read"),
+    ("+trainer.foo=1", "the schema is closed"),
 ])
 def test_bad_input_is_one_clear_line(override, message):
     with pytest.raises(ConfigError, match=message) as info:
@@ -93,3 +98,19 @@ def test_cli_init_from_must_be_a_finished_run(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert lines[-1] == f"error: init_from: {source} is not a run directory (no config.yaml)", proc.stderr
     assert not run_dir.exists()
+
+
+def test_deepspeed_options_merge_over_the_harness_config(tmp_path):
+    from harness.train.engine import deepspeed_config
+    (tmp_path / "ds.json").write_text('{"steps_per_print": 10, "zero_optimization": {"overlap_comm": false}}')
+    cfg = compose([f"trainer.deepspeed_config={tmp_path / 'ds.json'}", "trainer.zero_stage=1", "trainer.batch_size=64",
+                   "trainer.deepspeed={zero_optimization:{overlap_comm:true},fp16:{initial_scale_power:12}}"])
+    ds = deepspeed_config(cfg.trainer, "fp32", 2)
+    # the keys win over the file, the file over the harness's defaults; the harness's own keys stay its own
+    assert ds["zero_optimization"] == {"stage": 1, "overlap_comm": True} and ds["steps_per_print"] == 10
+    assert ds["fp16"]["initial_scale_power"] == 12 and ds["fp16"]["enabled"] is False
+    assert ds["fp16"]["loss_scale_window"] == 1000                      # the rest of the harness's fp16 block
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"]) == (64, 32)
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="must hold a JSON object"):
+        compose([f"trainer.deepspeed_config={tmp_path / 'bad.json'}"])

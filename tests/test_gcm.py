@@ -38,7 +38,7 @@ def _ctx(net, seed):
     return StepContext(net=net, net_nograd=net, teacher=None, step=0, total_steps=100, generator=gen)
 
 
-def _col(v):
+def as_column(v):
     return v.reshape(-1, 1, 1, 1)
 
 
@@ -133,12 +133,12 @@ def _baseline_straight_line(net, x, seed, scale=1.0):
     t = T0 + (TT - T0) * torch.rand(x.shape[0], generator=gen)
     r = t - 0.005
     z = torch.randn(x.shape, generator=gen)
-    x_t = (1 - _col(t)) * x + _col(t) * z
-    x_r = (1 - _col(r)) * x + _col(r) * z                      # the interpolant at r, same (x, z)
+    x_t = (1 - as_column(t)) * x + as_column(t) * z
+    x_r = (1 - as_column(r)) * x + as_column(r) * z                      # the interpolant at r, same (x, z)
 
     def g(xx, tt):
-        f = 0.5 * math.sqrt(2) * net(xx / (0.5 * ((1 - _col(tt)) ** 2 + _col(tt) ** 2).sqrt()), tt)
-        return xx + (T0 - _col(tt)) * f
+        f = 0.5 * math.sqrt(2) * net(xx / (0.5 * ((1 - as_column(tt)) ** 2 + as_column(tt) ** 2).sqrt()), tt)
+        return xx + (T0 - as_column(tt)) * f
     with torch.no_grad():
         target = g(x_r, r)
     dist = ((g(x_t, t) - target) ** 2).sum(dim=(1, 2, 3)).sqrt()
@@ -177,8 +177,8 @@ def _forms(seed=0, batch=6):
     z = torch.randn(x.shape, dtype=torch.float64, generator=gen)
     tm = {k: v.double() for k, v in m.draw_times(_ctx(None, seed), batch, "cpu").items()}
     s, t, r = tm["s"], tm["t"], tm["r"]
-    x_t, u_t = (1 - _col(t)) * x + _col(t) * z, z - x
-    x_r = x_t + _col(r - t) * u_t
+    x_t, u_t = (1 - as_column(t)) * x + as_column(t) * z, z - x
+    x_r = x_t + as_column(r - t) * u_t
     with torch.no_grad():
         F_r = m.f(net, x_r, r, s)
     return net, m, x_t, x_r, u_t, F_r, s, t, r, tm["omega"]
@@ -194,8 +194,8 @@ def test_eq39_eq40_and_eq5_have_the_same_gradient_float64():
     l39 = (omega * eq39_residual(u_t, F, F_r, t, r, s).pow(2).sum(dim=(1, 2, 3)).sqrt()).mean()
     a, b = eq40_particles(x_t, x_r, m.f(net, x_t, t, s), F_r, t, r, s)
     l40 = (omega / (t - r) * (a - b).pow(2).sum(dim=(1, 2, 3)).sqrt()).mean()
-    g5 = x_t + _col(s - t) * m.f(net, x_t, t, s)                  # Eq. 5: 1/(t - s) ||g(x_t) - sg g(x^_r)||
-    l5 = (omega / (t - s) * (g5 - (x_r + _col(s - r) * F_r)).pow(2).sum(dim=(1, 2, 3)).sqrt()).mean()
+    g5 = x_t + as_column(s - t) * m.f(net, x_t, t, s)                  # Eq. 5: 1/(t - s) ||g(x_t) - sg g(x^_r)||
+    l5 = (omega / (t - s) * (g5 - (x_r + as_column(s - r) * F_r)).pow(2).sum(dim=(1, 2, 3)).sqrt()).mean()
     assert l39.item() == pytest.approx(l40.item(), rel=1e-10)       # equal values; Eq. 5's differs, its gradient not
     for g39, g40, g_5 in zip(grad(l39), grad(l40), grad(l5)):
         torch.testing.assert_close(g39, g40, rtol=1e-9, atol=1e-12)

@@ -90,7 +90,7 @@ def seeded_draws(seed, variant):
     return dict(u=u, v=v, w=w, z=z)
 
 
-def _col(v):
+def as_column(v):
     return v.reshape(-1, 1, 1, 1)
 
 
@@ -116,25 +116,25 @@ def reference_loss(net, x, draws, sw):
     w_t = t ** GAMMA * torch.exp(-LAM * t) if sw["weighting"] == "gamma" else torch.ones(BATCH)
     omega = w_t / p_t                                           # w(t)/p(t | s) [G Eq. 10, AMBIG-8]
     z = draws["z"]
-    x_t = (1 - _col(t)) * x + _col(t) * z                       # OT-FM interpolant [G §2]
+    x_t = (1 - as_column(t)) * x + as_column(t) * z                       # OT-FM interpolant [G §2]
     u_t = z - x
-    x_r = x_t + _col(r - t) * u_t                               # Euler step [spec A.1]
+    x_r = x_t + as_column(r - t) * u_t                               # Euler step [spec A.1]
 
     def f(x_in, tt, ss):                                        # f = c_out F(c_in x, c(t)[, c(s)]) [spec A.2]
         c_in = 1 / (SIGMA_D * ((1 - tt) ** 2 + tt ** 2).sqrt())
         cond = (lambda v: (torch.exp(MU * v) - 1) / MU) if sw["time_cond"] == "exp" else (lambda v: v)
         kwargs = {"extra": cond(ss).reshape(-1, 1)} if sw["variant"] == "vu" else {}
-        return SIGMA_D * math.sqrt(2) * net(_col(c_in) * x_in, cond(tt), None, **kwargs)
+        return SIGMA_D * math.sqrt(2) * net(as_column(c_in) * x_in, cond(tt), None, **kwargs)
 
     F_s = f(x_t, t, s)
     with torch.no_grad():
         F_r = f(x_r, r, s)
     if sw["loss"] == "l2":                                      # step 4a, Eq. 39
-        e = u_t - F_s + _col((s - r) / (t - r)) * (F_s.detach() - F_r)
+        e = u_t - F_s + as_column((s - r) / (t - r)) * (F_s.detach() - F_r)
         return (omega * e.flatten(1).norm(dim=1)).mean(), t, s, r
     # step 4b, Eq. 46 in Eq. 40's form: a = x_t + (r - t) F + (s - r) sg F, b = sg(x^_r + (s - r) F_r)
-    a = x_t + _col(r - t) * F_s + _col(s - r) * F_s.detach()
-    b = (x_r + _col(s - r) * F_r).detach()
+    a = x_t + as_column(r - t) * F_s + as_column(s - r) * F_s.detach()
+    b = (x_r + as_column(s - r) * F_r).detach()
     row_w = omega / (t - r)                                     # omega_j / (t_j - r_j) [AMBIG-13]
     M, sigma = MMD[sw["variant"]]
     dist = lambda p, q: (p - q).flatten().norm()                # noqa: E731

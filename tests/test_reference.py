@@ -94,7 +94,7 @@ IDENTITIES = [
     ("ect 3.12(b) + gcm Tab. 6a: ECM-XL = ECT-XL", [_rows("ect_table7_configs", F12, "ECM-XL"), ("gcm_table6a_imagenet64", "ECT-XL", S12)]),
     ("ect 3.11 text numbers: ECT-pretrained EDM cond = Table E5", [("ect_table5_cifar10_cond", "ECM (ECT Pretrained)", ("FD_DINOv2↓",)),
      ("ect_text_numbers", ("ECT-pretrained EDM", "CIFAR-10 cond"), ("Value",))]),
-    ("ect 4.7: SCT Table 2 ECT-M = Table E7 ECM-M", [_nfe("sct_table2_imagenet64", "ECT-M", "FID (↓)"),
+    ("ect 4.7: SCT Table 2 ECT-M = Table E7 ECM-M", [_nfe("stable_ct_table2_imagenet64", "ECT-M", "FID (↓)"),
      _rows("ect_table7_configs", F12, "ECM-M")]),
     ("ect §5 A12: ECT's own 400k CIFAR-10 = sCM Table 1 ECT = Guide Tab. 4 ECT", [_nfe("ect_table1_cifar10", "ECM (400k iters)", "FID↓"),
      ("scm_table1_cifar10", "ECT", ("FID",)), [("gcm_table4_cifar10", "ECT (Geng et al., 2024)", ("FID",)), ("gcm_table4_cifar10", "ECT", ("FID",))]]),
@@ -102,28 +102,28 @@ IDENTITIES = [
      _nfe("cm_scm_imagenet64", "ECT", "FID"), _nfe("ect_table1_imagenet64", "ECM-XL*", "FID↓")]),
     # gcm_ct_ict_cd.md part C: CIFAR-10 baselines shared by the slides, ECT, SCT, sCM and the Guide
     ("gcm part C: CT (LPIPS) 8.70/5.83 (slides; Guide Tab. 5)", [_nfe("cm_ct_cifar10", "CT", "FID"), ("gcm_table5_cost", "CT", S12),
-     _nfe("cm_ict_cifar10", "CT (LPIPS)", "FID"), _nfe("sct_table1_cifar10", "CT (LPIPS)", "FID (↓)")]),
+     _nfe("cm_ict_cifar10", "CT (LPIPS)", "FID"), _nfe("stable_ct_table1_cifar10", "CT (LPIPS)", "FID (↓)")]),
     ("gcm part C: CD (LPIPS) 3.55/2.93 (slides)", [_nfe("cm_cd_cifar10", "CD", "FID"), _nfe("ect_table1_cifar10", "CD (LPIPS)", "FID↓"),
-     ("scm_table1_cifar10", "CD (LPIPS)", ("FID",)), _nfe("sct_table1_cifar10", "CD (LPIPS)", "FID (↓)"), _nfe("cm_ict_cifar10", "CD (LPIPS)", "FID")]),
+     ("scm_table1_cifar10", "CD (LPIPS)", ("FID",)), _nfe("stable_ct_table1_cifar10", "CD (LPIPS)", "FID (↓)"), _nfe("cm_ict_cifar10", "CD (LPIPS)", "FID")]),
     ("gcm part C: CD 2-step in Guide Tab. 4", [("gcm_table4_cifar10", "CD (Song et al., 2023)", ("FID",)), ("cm_ict_cifar10", ("CD (LPIPS)", "2"), ("FID",))]),
     ("gcm part C: iCT 2.83/2.46 (slides + Guide 1024x400K)", [_nfe("cm_ict_cifar10", "iCT", "FID"), ("gcm_table5_cost", ("iCT", "1024"), S12),
-     ("scm_table1_cifar10", "iCT", ("FID",)), _nfe("ect_table1_cifar10", "iCT", "FID↓"), _nfe("sct_table1_cifar10", "iCT", "FID (↓)"),
+     ("scm_table1_cifar10", "iCT", ("FID",)), _nfe("ect_table1_cifar10", "iCT", "FID↓"), _nfe("stable_ct_table1_cifar10", "iCT", "FID (↓)"),
      [("gcm_table4_cifar10", "iCT (Song & Dhariwal, 2023)", ("FID",)), ("gcm_table4_cifar10", "iCT", ("FID",))]]),
     ("gcm part C: iCT-deep 2.51/2.24 (slides)", [_nfe("cm_ict_cifar10", "iCT-deep", "FID"), ("scm_table1_cifar10", "iCT-deep", ("FID",)),
-     _nfe("ect_table1_cifar10", "iCT-deep", "FID↓"), _nfe("sct_table1_cifar10", "iCT-deep", "FID (↓)")]),
+     _nfe("ect_table1_cifar10", "iCT-deep", "FID↓"), _nfe("stable_ct_table1_cifar10", "iCT-deep", "FID (↓)")]),
     ("gcm part C: sCD CIFAR-10 3.66/2.52 (Guide Tab. 4 = sCM Table 1)", [[("gcm_table4_cifar10", ("sCD (Lu & Song, 2024)", "1"), ("FID",)),
      ("gcm_table4_cifar10", ("sCD", "2"), ("FID",))], ("scm_table1_cifar10", "sCD (ours)", ("FID",))]),
     ("gcm part C + scm 8 headline: sCT CIFAR-10 2-step 2.06", [("gcm_table4_cifar10", ("sCT", "2"), ("FID",)),
      ("scm_text_headline", "CIFAR-10", ("sCM 2-step FID",))]),
     # gcm part C, ImageNet-64: the slides, sCM Table 1, SCT Table 2
     ("gcm part C: CD (LPIPS) ImageNet-64 6.20/4.70", [_nfe("cm_scm_imagenet64", "CD (LPIPS)", "FID"), ("scm_table1_imagenet64", "CD (LPIPS)", ("FID",)),
-     ("cm_cd_captions", "ImageNet-64", ("CD 1-step", "CD 2-step")), _nfe("sct_table2_imagenet64", "CD (LPIPS)", "FID (↓)")]),
+     ("cm_cd_captions", "ImageNet-64", ("CD 1-step", "CD 2-step")), _nfe("stable_ct_table2_imagenet64", "CD (LPIPS)", "FID (↓)")]),
     ("gcm part C: CT ImageNet-64 13.0/11.1 (slides = SCT Table 2)", [[("cm_ct_imagenet64_lsun", ("CT", "13.0"), ("FID",)),
-     ("cm_ct_imagenet64_lsun", ("CT", "11.1"), ("FID",))], _nfe("sct_table2_imagenet64", "CT (LPIPS)", "FID (↓)")]),
+     ("cm_ct_imagenet64_lsun", ("CT", "11.1"), ("FID",))], _nfe("stable_ct_table2_imagenet64", "CT (LPIPS)", "FID (↓)")]),
     ("gcm part C: iCT ImageNet-64 4.02/3.20", [_nfe("cm_scm_imagenet64", "iCT", "FID"), ("scm_table1_imagenet64", "iCT", ("FID",)),
-     _nfe("sct_table2_imagenet64", "iCT", "FID (↓)")]),
+     _nfe("stable_ct_table2_imagenet64", "iCT", "FID (↓)")]),
     ("gcm part C: iCT-deep ImageNet-64 3.25/2.77", [_nfe("cm_scm_imagenet64", "iCT-deep", "FID"), ("scm_table1_imagenet64", "iCT-deep", ("FID",)),
-     _nfe("sct_table2_imagenet64", "iCT-deep", "FID (↓)")]),
+     _nfe("stable_ct_table2_imagenet64", "iCT-deep", "FID (↓)")]),
     ("gcm part C + scm 8 (Table 1 rows are the XL models): sCD ImageNet-64", [_nfe("cm_scm_imagenet64", "sCD", "FID"),
      ("scm_table1_imagenet64", "sCD (ours)", ("FID",)), _rows("scm_table7_imagenet64", ["sCD 1-step FID", "sCD 2-step FID"], "XL")]),
     ("gcm part C + scm 8: sCT ImageNet-64", [_nfe("cm_scm_imagenet64", "sCT", "FID"),
@@ -155,7 +155,7 @@ IDENTITIES = [
      _rows("scm_table5_imagenet512_scd_avsd", ["1-step FID", "2-step FID", "1-step FD_DINOv2", "2-step FD_DINOv2"], "M")]),
     # gcm_ct_ict_cd.md B.9: captions and tables of the slides
     ("gcm B.9: CD captions EDM ImageNet-64 2.44 = CT table EDM", [("cm_cd_captions", "ImageNet-64", ("EDM (NFE 79)",)),
-     ("cm_ct_imagenet64_lsun", ("EDM", "2.44"), ("FID",)), ("sct_table2_imagenet64", "EDM* (Heun)", ("FID (↓)",))]),
+     ("cm_ct_imagenet64_lsun", ("EDM", "2.44"), ("FID",)), ("stable_ct_table2_imagenet64", "EDM* (Heun)", ("FID (↓)",))]),
     ("gcm B.9: CD captions EDM LSUN Bedroom 3.57 = CT table EDM", [("cm_cd_captions", "LSUN Bedroom-256", ("EDM (NFE 79)",)),
      ("cm_ct_imagenet64_lsun", ("EDM", "3.57"), ("FID",))]),
 ]
@@ -182,11 +182,11 @@ DISCREPANCIES = [
     ("ect §5 A10: EDM FD_DINOv2 168.16 (Table E6) vs 168.17 (text)",
      [("ect_table6_cifar10", "EDM", ("FD_DINOv2",), ["168.16"]), ("ect_text_numbers", ("ECT-pretrained EDM", "CIFAR-10 uncond"), ("Compared with",), ["EDM 168.17"])]),
     ("ect §5 A11: EDM CIFAR-10 2.01 (ECT) vs 2.04 (SCT); ImageNet 2.22 vs EDM* (Heun) 2.44",
-     [("ect_table1_cifar10", "EDM", ("FID↓",), ["2.01"]), ("sct_table1_cifar10", "EDM", ("FID (↓)",), ["2.04"]),
-      ("ect_table1_imagenet64", "EDM", ("FID↓", "NFE↓"), ["2.22", "79"]), ("sct_table2_imagenet64", "EDM* (Heun)", ("FID (↓)", "NFE (↓)"), ["2.44", "79"])]),
+     [("ect_table1_cifar10", "EDM", ("FID↓",), ["2.01"]), ("stable_ct_table1_cifar10", "EDM", ("FID (↓)",), ["2.04"]),
+      ("ect_table1_imagenet64", "EDM", ("FID↓", "NFE↓"), ["2.22", "79"]), ("stable_ct_table2_imagenet64", "EDM* (Heun)", ("FID (↓)", "NFE (↓)"), ["2.44", "79"])]),
     ("ect §5 A12: SCT's ECT CIFAR-10 3.78/2.13 is none of ECT's own rows",
-     [("sct_table1_cifar10", ("ECT", "1"), ("FID (↓)",), ["3.78"]), ("sct_table1_cifar10", ("ECT", "2"), ("FID (↓)",), ["2.13"])]),
-    ("ect §5 B8: SCT CIFAR-10 2-step 2.05 is reconstructed", [("sct_table1_cifar10", ("SCT", "2"), ("FID (↓)",), ["2.05"])]),
+     [("stable_ct_table1_cifar10", ("ECT", "1"), ("FID (↓)",), ["3.78"]), ("stable_ct_table1_cifar10", ("ECT", "2"), ("FID (↓)",), ["2.13"])]),
+    ("ect §5 B8: SCT CIFAR-10 2-step 2.05 is reconstructed", [("stable_ct_table1_cifar10", ("SCT", "2"), ("FID (↓)",), ["2.05"])]),
     ("gcm A.15 AMBIG-6: Tab. 2 B 2-step 4.40 vs Tab. 7c 4.42",
      [("gcm_table2_cu", "B + Discretization Function", ("2-step",), ["4.40"]), ("gcm_table7c_cifar10", 0, ("2-step",), ["4.42"])]),
     ("gcm B.10 S-AMBIG-1: LSUN Bedroom CT 2-step 7.85 (table) vs 7.80 (caption)",
@@ -200,14 +200,14 @@ DISCREPANCIES = [
     ("found here, not in the specs: sCT CIFAR-10 1-step 2.97 (sCM Table 1) vs 2.85 (Guide Tab. 4)",
      [("scm_table1_cifar10", "sCT (ours)", ("FID",), ["2.97", "2.06"]), ("gcm_table4_cifar10", ("sCT (Lu & Song, 2024)", "1"), ("FID",), ["2.85"])]),
     ("found here, not in the specs: CTM CIFAR-10 at NFE 1 is 1.87 in sCM Table 1, 5.19 in SCT (whose +GAN row is 1.98 / 1.87 at NFE 1 / 2)",
-     [("scm_table1_cifar10", "CTM", ("NFE", "FID"), ["1", "1.87"]), ("sct_table1_cifar10", ("CTM", "1"), ("FID (↓)",), ["5.19"]),
-      ("sct_table1_cifar10", ("CTM (+GAN +CRJ)", "2"), ("FID (↓)",), ["1.87"])]),
+     [("scm_table1_cifar10", "CTM", ("NFE", "FID"), ["1", "1.87"]), ("stable_ct_table1_cifar10", ("CTM", "1"), ("FID (↓)",), ["5.19"]),
+      ("stable_ct_table1_cifar10", ("CTM (+GAN +CRJ)", "2"), ("FID (↓)",), ["1.87"])]),
     ("found here, not in the specs: the CT slide's 'Score SDE' 2.20 / IS 9.89 is the iCT slide's Score SDE (deep)",
      [("cm_ct_cifar10", "Score SDE", ("FID", "IS"), ["2.20", "9.89"]), ("cm_ict_cifar10", "Score SDE", ("FID", "IS"), ["2.38", "9.83"]),
       ("cm_ict_cifar10", "Score SDE (deep)", ("FID", "IS"), ["2.20", "9.89"])]),
     ("found here, not in the specs: DDIM NFE 10 is 8.23 in the CD slide, 13.36 in the iCT slide and SCT Table 1",
      [("cm_cd_cifar10", ("DDIM", "10"), ("FID",), ["8.23"]), ("cm_ict_cifar10", "DDIM", ("FID",), ["13.36"]),
-      ("sct_table1_cifar10", "DDIM", ("FID (↓)",), ["13.36"])]),
+      ("stable_ct_table1_cifar10", "DDIM", ("FID (↓)",), ["13.36"])]),
     ("scm 8 note vs the CT slide: CIFAR-10 StyleGAN-XL 1.52 (sCM) vs 1.85 (slides)",
      [("cm_ct_cifar10", "StyleGAN-XL", ("FID",), ["1.85"])]),
 ]
@@ -278,7 +278,7 @@ def test_quick_reference_numbers_are_transcribed(ref, dataset, numbers):
 
 def test_transcription_counts_per_paper():
     counts = {p: sum(t["paper"] == p for t in TABLES.values()) for p in PAPERS}
-    assert counts == {"ect": 10, "sct": 3, "scm": 12, "gcm": 19, "cm": 11}
+    assert counts == {"ect": 10, "stable_ct": 3, "scm": 12, "gcm": 19, "cm": 11}
 
 
 # ---- the schema check at load: one line naming the file and the field

@@ -99,7 +99,7 @@ def _inputs(seed=0):
     return x0, eps_z, u, y
 
 
-def _col(a):
+def as_column(a):
     return a.reshape(-1, 1, 1, 1)
 
 
@@ -109,7 +109,7 @@ def reference_tangent(student, x0, eps_z, v_fn, r, y=None, extra=None):
     Returns (t, x_t, F_minus, g_raw)."""
     t = torch.atan(torch.exp(P_MEAN + P_STD * EPS_T) / SD)             # spec 2.7
     z = eps_z * SD                                                      # z ~ N(0, sigma_d^2 I) [spec 1.1]
-    cos, sin = _col(torch.cos(t)), _col(torch.sin(t))
+    cos, sin = as_column(torch.cos(t)), as_column(torch.sin(t))
     x_t = cos * x0 + sin * z
     v = v_fn(x0, z, x_t, t)
     with torch.no_grad():
@@ -123,7 +123,7 @@ def reference_loss(student, t, x_t, F_minus, g_raw, y=None, extra=None):
     """Algorithm 1 steps 5-6: g / (||g|| + c) per sample [spec 2.4], then
     mean of e^{w}/D ||F - F_minus - g||^2 - w, w = -logvar [sCM eq. 8, spec 2.3 / 2.6]."""
     norm = g_raw.pow(2).sum(dim=(1, 2, 3)).sqrt()
-    g = g_raw / _col(norm + NORM_C)
+    g = g_raw / as_column(norm + NORM_C)
     F, logvar = student(x_t / SD, t, y, extra, return_logvar=True)
     w = -logvar
     per = (F - F_minus - g).pow(2).sum(dim=(1, 2, 3))
@@ -132,7 +132,7 @@ def reference_loss(student, t, x_t, F_minus, g_raw, y=None, extra=None):
 
 def sct_velocity(x0, z, x_t, t):
     """sCT: dx_t/dt = cos t z - sin t x0 [spec 3]."""
-    return _col(torch.cos(t)) * z - _col(torch.sin(t)) * x0
+    return as_column(torch.cos(t)) * z - as_column(torch.sin(t)) * x0
 
 
 def scd_velocity(teacher, y, s=None):
@@ -143,7 +143,7 @@ def scd_velocity(teacher, y, s=None):
         if s is None:
             return v_cond
         v_uncond = SD * teacher(x_t / SD, t, torch.zeros(y.shape[0], CLASSES, dtype=torch.float64))
-        return v_uncond + _col(s) * (v_cond - v_uncond)
+        return v_uncond + as_column(s) * (v_cond - v_uncond)
     return v
 
 
@@ -174,12 +174,12 @@ def test_reference_g_at_r_1_is_cos_t_times_df_dt():
     z, h = eps_z * SD, 1e-5
 
     def f(tt):
-        c, s = _col(torch.cos(tt)), _col(torch.sin(tt))
+        c, s = as_column(torch.cos(tt)), as_column(torch.sin(tt))
         x = c * x0 + s * z
         return c * x - s * SD * student(x / SD, tt)
     with torch.no_grad():
         df_dt = (f(t + h) - f(t - h)) / (2 * h)
-    torch.testing.assert_close(g_raw, _col(torch.cos(t)) * df_dt, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(g_raw, as_column(torch.cos(t)) * df_dt, rtol=1e-7, atol=1e-9)
 
 
 @pytest.mark.parametrize("step,r", STEPS)

@@ -58,11 +58,11 @@ def test_tables_command_prints_ect_cifar10_in_paper_order(capsys):
 
 
 def test_bold_and_footnote_marks_are_printed(capsys):
-    assert tables.main(["--paper", "sct"]) == 0
+    assert tables.main(["--paper", "stable_ct"]) == 0
     rows = _md_rows(_section(capsys.readouterr().out, "SCT Table 1"))
     assert rows[-2] == ["", "**SCT**", "1", "**3.11**"]
     assert rows[-1] == ["", "**SCT**", "2", "**2.05**^a"]
-    md = tables.render_markdown(TABLES["sct_table1_cifar10"])
+    md = tables.render_markdown(TABLES["stable_ct_table1_cifar10"])
     assert "- ^a reconstructed: the text extraction lost the SCT CIFAR-10 2-step row" in md
 
 
@@ -104,7 +104,7 @@ def test_latex_shape_and_same_numbers(paper, tmp_path):
 
 
 def test_latex_marks_bold_with_textbf():
-    tex = tables.render_latex(TABLES["sct_table1_cifar10"])
+    tex = tables.render_latex(TABLES["stable_ct_table1_cifar10"])
     assert r"\textbf{SCT} & 2 & \textbf{2.05}$^{a}$ \\" in tex
     assert r"FID ($\downarrow$)" in tex
 

@@ -33,7 +33,7 @@ TEACHERS = ("edm", "trigflow")
 DISPLAY = {"ct": "CT", "ict": "iCT", "ect": "ECT", "cd": "CD", "sct": "sCT", "scd": "sCD", "stable_ct": "SCT",
            "gcm": "GCM", "edm": "EDM (teacher)", "trigflow": "TrigFlow (teacher)"}
 # Where each method's 1- vs 2-step claim comes from: CIFAR-10 FID 1-step -> 2-step, as transcribed in
-# results/reference/ (cm_ct_cifar10, cm_cd_cifar10, cm_ict_cifar10, ect_table1_cifar10, sct_table1_cifar10,
+# results/reference/ (cm_ct_cifar10, cm_cd_cifar10, cm_ict_cifar10, ect_table1_cifar10, stable_ct_table1_cifar10,
 # scm_table1_cifar10, gcm_table4_cifar10).
 TWO_STEP_SOURCE = {
     "ct": "CM (Song et al. 2023), CIFAR-10 CT table: CT (LPIPS) 8.70 -> 5.83",

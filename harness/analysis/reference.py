@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-PAPERS = ("ect", "sct", "scm", "gcm", "cm")  # ect: ECT; sct: SCT (Stable CT); scm: sCM; gcm: the Guide; cm: the slides
+PAPERS = ("ect", "stable_ct", "scm", "gcm", "cm")  # ect: ECT; stable_ct: SCT (Stable CT, as method=stable_ct); scm: sCM; gcm: the Guide; cm: the slides
 ENV_VAR = "CMBENCH_REFERENCE_DIR"  # a directory of reference *.yaml; overrides every other place
 SOURCE_DIR = Path(__file__).resolve().parents[2] / "results" / "reference"  # in a checkout
 NUMBER = re.compile(r"^~?-?\d+(\.\d+)?(×\d+)?$")  # as printed: '2.20', '-0.060', '250×2', '~7.8'

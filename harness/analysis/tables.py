@@ -1,6 +1,6 @@
 """The papers' tables in their own layout, with this harness's measured numbers in added columns.
 
-    python -m harness.tables --paper ect|sct|scm|gcm|cm|all [--runs DIR] [--latex] [--out FILE]
+    python -m harness.tables --paper ect|stable_ct|scm|gcm|cm|all [--runs DIR] [--latex] [--out FILE]
 
 Tables come from results/reference/ (harness.analysis.reference). With --runs, the collector's DataFrame
 (harness.analysis.collect.load_runs) is matched to each table by dataset, metric, class conditioning, the row's
@@ -17,10 +17,10 @@ from pathlib import Path
 
 from harness.analysis.reference import PAPERS, ReferenceError, Table, cell_values, load_tables
 
-PAPER_NAMES = {"ect": "ECT", "sct": "SCT", "scm": "sCM", "gcm": "GCM", "cm": "CM slides"}  # as the papers write them
+PAPER_NAMES = {"ect": "ECT", "stable_ct": "SCT", "scm": "sCM", "gcm": "GCM", "cm": "CM slides"}  # as the papers write them
 PAPER_TITLES = {  # the seed papers (results/reference/*.yaml `source.seed`)
     "ect": "ECT: Consistency Models Made Easy",
-    "sct": "SCT: Stable Consistency Tuning",
+    "stable_ct": "SCT: Stable Consistency Tuning",
     "scm": "sCM: Simplifying, Stabilizing & Scaling Continuous-Time Consistency Models",
     "gcm": "GCM: A Guide to Training Consistency Models",
     "cm": "Consistency Models slides (CT, CD, iCT, sCM)",

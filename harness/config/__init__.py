@@ -49,6 +49,11 @@ class TrainerConfig:
     device: str = "auto"               # auto | cpu | cuda
     threads: int = 0                   # torch CPU threads, 0 = torch's default
     grid_every_steps: int = 0          # sample grid PNG during training, 0 = only at the end
+    # DeepSpeed options merged over the config the harness builds (harness.train.engine.deepspeed_config):
+    # a JSON file, then keys, e.g. trainer.deepspeed={zero_optimization:{overlap_comm:true}}. The batch
+    # sizes, precision switches, optimizer and scheduler stay the harness's (set them with trainer.*).
+    deepspeed_config: str = ""         # path of a DeepSpeed JSON config ("" = none)
+    deepspeed: Any = None             # {key: value, ...} (None = none)
 
 
 @dataclass
@@ -108,7 +113,7 @@ LR_SCHEDULES = ("constant", "inverse_sqrt")
 CONFIG_MODULE = "harness.config"     # its recipe/ folder is the `recipe` group (Hydra experiment configs)
 RECIPE_DIR = Path(__file__).resolve().parent / "recipe"
 _UNKNOWN = "unknown:"                # a method_preset node for a preset the method does not have
-_registered: set[str] = set()        # method names already in the ConfigStore
+_registered: set = set()             # what is already in the ConfigStore (methods, presets, ...)
 
 
 def recipes() -> list[str]:
@@ -155,7 +160,8 @@ def register() -> None:
     from harness.nets import MODEL_PRESETS
     cs = ConfigStore.instance()
     names = methods.names()
-    if not _registered:
+    if ("store", "schema") not in _registered:
+        _registered.add(("store", "schema"))
         cs.store(name="cmbench_schema", node=Config)
         for name, node in MODEL_PRESETS.items():
             cs.store(group="model", name=name, node=node)
@@ -163,16 +169,23 @@ def register() -> None:
             cs.store(group="data", name=name, node=node)
     choices = presets()
     for name in choices:
-        cs.store(group="preset", name=name, node={}, package="_global_")
+        if ("preset", name) not in _registered:
+            cs.store(group="preset", name=name, node={}, package="_global_")
+            _registered.add(("preset", name))
     for name in names:
         cls = methods.get(name)
         if name not in _registered:
             cs.store(group="method", name=name, node=cls.Config())
             _registered.add(name)
         for preset in choices:
-            for dataset in DATASETS:
-                cs.store(group=PRESET_NODES, name=f"{name}-{preset}-{dataset}", package="method",
-                         node=_preset_node(cls, preset, dataset))
+            if (name, preset) not in _registered:
+                for dataset in DATASETS:
+                    cs.store(group=PRESET_NODES, name=f"{name}-{preset}-{dataset}", package="method",
+                             node=_preset_node(cls, preset, dataset))
+                _registered.add((name, preset))
+    if ("store", "primary") in _registered:
+        return
+    _registered.add(("store", "primary"))
     cs.store(name="cmbench", node={
         "defaults": ["cmbench_schema", {"method": "ect"}, {"model": "unet-s"}, {"data": "digits"},
                      {"preset": "auto"}, {PRESET_NODES: "${method}-${preset}-${data}"}, "_self_",
@@ -197,7 +210,7 @@ def help_text() -> str:
     return "\n".join(lines)
 
 
-def _parse(overrides: list[str]):
+def parse_overrides(overrides: list[str]):
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
     try:
@@ -206,7 +219,7 @@ def _parse(overrides: list[str]):
         raise ConfigError(f"cannot parse override: {str(exc).splitlines()[0]}") from None
 
 
-def _is_hydra(o) -> bool:
+def is_hydra_override(o) -> bool:
     return o.key_or_group == "hydra" or o.key_or_group.startswith(("hydra.", "hydra/"))
 
 
@@ -229,7 +242,7 @@ def _check_groups(parsed) -> None:
                 raise ConfigError(f"unknown {o.key_or_group} '{value}'; valid: {', '.join(choices[o.key_or_group])}")
 
 
-def _check_keys(base: DictConfig, parsed) -> None:
+def check_keys(base: DictConfig, parsed) -> None:
     """Every other key exists in the composed schema, else the valid keys at that level are named."""
     for o in parsed:
         key = o.key_or_group
@@ -252,19 +265,17 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     from hydra.core.global_hydra import GlobalHydra
 
     register()
-    parsed = [o for o in _parse(list(overrides)) if not _is_hydra(o)]
+    parsed = [o for o in parse_overrides(list(overrides)) if not is_hydra_override(o)]
     _check_groups(parsed)
     overrides = [o.input_line for o in parsed]
     group_overrides = [o.input_line for o in parsed if o.key_or_group in GROUPS]
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
         try:
-            base = hydra_compose(config_name="cmbench", overrides=group_overrides)
-            _check_keys(base, parsed)
             cfg = hydra_compose(config_name="cmbench", overrides=overrides, return_hydra_config=True)
-        except ConfigError:
-            raise
-        except Exception as exc:   # type errors from OmegaConf, reported on one line with their reason
+        except Exception as exc:
+            # name the unknown key and the valid ones (composing the groups alone), else Hydra's reason
+            check_keys(hydra_compose(config_name="cmbench", overrides=group_overrides), parsed)
             reason = f": {str(exc.__cause__).splitlines()[0]}" if exc.__cause__ else ""
             raise ConfigError(f"invalid override: {' '.join(str(exc).split())}{reason}") from None
     GlobalHydra.instance().clear()
@@ -321,6 +332,11 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"trainer.{key} must be >= 1, got {t[key]}")
     if min(t.lr_warmup_steps, t.grid_every_steps, cfg.eval.every_steps) < 0:
         raise ConfigError("trainer.lr_warmup_steps, trainer.grid_every_steps and eval.every_steps must be >= 0")
+    from harness.train.engine import DeepSpeedConfigError, user_deepspeed_options
+    try:
+        user_deepspeed_options(t)
+    except DeepSpeedConfigError as exc:
+        raise ConfigError(str(exc)) from None
     from harness.train.ema import ema_name
     names = [ema_name(beta=b) for b in t.ema_betas] + [ema_name(std=s) for s in t.ema_stds]
     if len(set(names)) != len(names):

@@ -44,7 +44,7 @@ def load_run_config(run_dir: Path) -> DictConfig:
 
 def apply_options(cfg: DictConfig, args: argparse.Namespace) -> DictConfig:
     """--steps / --num-samples / --metric / eval.KEY=VALUE on top of the run's eval section, checked."""
-    from harness.config import _check_keys, _parse
+    from harness.config import check_keys, parse_overrides
     from harness.eval.metrics import check_eval_config
     ecfg = cfg.eval
     ecfg.steps = list(args.steps)
@@ -56,12 +56,12 @@ def apply_options(cfg: DictConfig, args: argparse.Namespace) -> DictConfig:
     if bad:
         raise EvaluateError(f"only eval.KEY=VALUE and method.KEY=VALUE (sampler settings such as "
                             f"method.mid_t=[1.5]) overrides apply here, got '{bad[0]}'")
-    parsed = _parse(args.overrides)
+    parsed = parse_overrides(args.overrides)
     if any(o.key_or_group == "method.name" for o in parsed):
         raise EvaluateError("method.name cannot change when re-scoring: the checkpoint is a "
                             f"{cfg.method.name} run")
     schema = _method_schema(cfg)
-    _check_keys(OmegaConf.create({"eval": OmegaConf.to_container(ecfg), "method": schema}), parsed)
+    check_keys(OmegaConf.create({"eval": OmegaConf.to_container(ecfg), "method": schema}), parsed)
     for o in parsed:
         OmegaConf.update(cfg, o.key_or_group, o.value(), merge=True)
     if any(s < 0 for s in ecfg.steps) or ecfg.num_samples < 2:

@@ -4,26 +4,18 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 
 
 def save_grid(x: torch.Tensor, path: Path, scale: int = 4) -> None:
-    """x in [-1, 1]: [N, C, H, W] images (tiled, nearest-neighbour upscaled) or [N, 2] points."""
+    """x in [-1, 1]: [N, C, H, W] images (tiled by torchvision, nearest-neighbour upscaled) or [N, 2] points."""
     path = Path(path)
     if x.ndim == 2:
         return _save_scatter(x, path)
-    from PIL import Image
-    n, c, h, w = x.shape
-    cols = int(math.ceil(math.sqrt(n)))
-    rows = int(math.ceil(n / cols))
-    img = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
-    canvas = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1, c), 255, dtype=np.uint8)
-    for i in range(n):
-        r, q = divmod(i, cols)
-        canvas[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + q * (w + 1):1 + q * (w + 1) + w] = img[i].transpose(1, 2, 0)
-    canvas = canvas.repeat(scale, 0).repeat(scale, 1)
-    Image.fromarray(canvas[..., 0] if c == 1 else canvas).save(path)
+    from torchvision.utils import make_grid, save_image
+    images = (x.detach().float().cpu().clamp(-1, 1) + 1) / 2
+    grid = make_grid(images, nrow=int(math.ceil(math.sqrt(len(images)))), padding=1, pad_value=1.0)
+    save_image(grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2), path)
 
 
 def _save_scatter(x: torch.Tensor, path: Path) -> None:

@@ -19,8 +19,8 @@ def compose_cached(overrides: list[str], cache: dict):
     values are then set on a copy and checked by harness.config.validate (what compose itself does)."""
     from omegaconf import OmegaConf
 
-    from harness.config import GROUPS, _parse, compose, validate
-    parsed = _parse(list(overrides))
+    from harness.config import GROUPS, parse_overrides, compose, validate
+    parsed = parse_overrides(list(overrides))
     fixed = GROUPS
     key = (tuple(o.input_line for o in parsed if o.key_or_group in fixed), tuple(o.key_or_group for o in parsed))
     if key not in cache:

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from harness.config import ConfigError
 from harness.train.rundir import atomic_write_text, first_line
-from harness.sweep.status import StatusBoard, progress_line, read_result, run_state, table
-from harness.sweep.spec import PlannedRun, Sweep, _fmt, expand, load_spec
+from harness.sweep.status import StatusBoard, progress_line, run_state, table
+from harness.train.rundir import RunDirError, exclusive, read_result
+from harness.sweep.spec import PlannedRun, Sweep, format_value, expand, load_spec
 
 MANIFEST = "sweep.json"
 
@@ -70,7 +71,7 @@ def write_manifest(sweep: Sweep, runs: list[PlannedRun], status: dict[str, str],
 def print_plan(sweep: Sweep, runs: list[PlannedRun], launcher: str) -> None:
     rows = [("run", "stage", "method", "model", "params", "steps", "kimg", "est. GFLOP", "state", "grid point")]
     for r in runs:
-        point = " ".join(f"{k}={_fmt(v)}" for k, v in r.point.items())
+        point = " ".join(f"{k}={format_value(v)}" for k, v in r.point.items())
         rows.append((r.run_id, r.stage, r.method, r.model, f"{r.num_params / 1e6:.2f}M", str(r.steps),
                      f"{r.nimg / 1000:g}", f"{r.flops_est / 1e9:.4g}", run_state(r.run_dir), point))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -226,7 +227,12 @@ def main(argv: list[str] | None = None) -> int:
         print(table(runs, status))
         print(progress_line({k: ("queued" if v in ("new", "interrupted") else v) for k, v in status.items()}, 0))
         return 0
-    return dispatch(sweep, runs, args, extra, launcher_name)
+    try:
+        with exclusive(sweep.out_dir, f"harness.sweep {sweep.name}"):   # one driver per sweep directory
+            return dispatch(sweep, runs, args, extra, launcher_name)
+    except RunDirError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

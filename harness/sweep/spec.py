@@ -99,22 +99,22 @@ class PlannedRun:
         return self.steps * self.batch_size
 
 
-def _fmt(value: Any) -> str:
+def format_value(value: Any) -> str:
     """A grid value as a Hydra override value (a bundle: its label)."""
     if isinstance(value, dict):
         named = [v for k, v in value.items() if str(k).split(".")[-1] == "name"]
-        return _fmt(named[0]) if named else "_".join(_fmt(v) for v in value.values())
+        return format_value(named[0]) if named else "_".join(format_value(v) for v in value.values())
     if isinstance(value, bool):
         return str(value).lower()
     if value is None:
         return "null"
     if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_fmt(v) for v in value) + "]"
+        return "[" + ",".join(format_value(v) for v in value) + "]"
     return str(value)
 
 
 def _point_text(point: dict) -> str:
-    return " ".join(f"{k}={_fmt(v)}" for k, v in point.items()) or "the single grid point"
+    return " ".join(f"{k}={format_value(v)}" for k, v in point.items()) or "the single grid point"
 
 
 def _check_keys(where: str, got: dict, valid: tuple[str, ...]) -> None:
@@ -233,6 +233,7 @@ def _stage(raw: Any, index: int, grid: dict, names: set[str]) -> Stage:
     if not isinstance(raw, dict) or not raw.get("name"):
         raise SpecError(f"stage {index + 1} needs a mapping with a name, got {raw!r}")
     name = str(raw["name"])
+    _check_name(f"stage {index + 1} name", name)
     _check_keys(f"stage '{name}'", raw, STAGE_KEYS)
     edits = _check_grid(f"stage '{name}' grid", raw.get("grid"), allow_null=True)
     merged = {k: v for k, v in {**grid, **edits}.items() if v is not None}
@@ -274,12 +275,23 @@ def _ordered(stages: list[Stage]) -> list[Stage]:
     return order
 
 
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
+def _check_name(what: str, name: Any) -> None:
+    """Sweep and stage names become folder names under out=: one plain path component."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
+        raise SpecError(f"{what} {name!r} is not a plain folder name; use letters, digits, '_', '-', '.' "
+                        f"(starting with a letter or digit, no '..')")
+
+
 def parse_spec(spec: Any, where: str = "sweep spec") -> Sweep:
     if not isinstance(spec, dict):
         raise SpecError(f"{where} is not a mapping")
     _check_keys(where, spec, SPEC_KEYS)
     if not spec.get("name"):
         raise SpecError(f"{where} needs a name")
+    _check_name(f"{where}: name", spec["name"])
     if not isinstance(spec.get("base") or [], list):
         raise SpecError(f"{where}: base must be a list of key=value overrides")
     grid = _check_grid("grid", spec.get("grid"), allow_null=False)
@@ -313,7 +325,7 @@ def load_spec(path: str, edits: list[str] = ()) -> tuple[Sweep, list[str]]:
 def _slug(point: dict) -> str:
     parts = []
     for key, value in point.items():
-        text = _fmt(value)
+        text = format_value(value)
         if key == "budget_nimg":
             text = f"{value / 1000:g}kimg"
         elif key == "budget_flops":
@@ -349,7 +361,7 @@ def _plan_run(sweep: Sweep, stage: Stage, point: dict, base: list, extra: list,
     sources = {key: _source_run(stage, next(s for s in sweep.stages if s.name == src), point, planned)
                for key, src in stage.sources.items()}
     grid_overrides = [o for k, v in point.items() if k not in BUDGET_KEYS
-                      for o in ([f"{kk}={_fmt(vv)}" for kk, vv in v.items()] if isinstance(v, dict) else [f"{k}={_fmt(v)}"])]
+                      for o in ([f"{kk}={format_value(vv)}" for kk, vv in v.items()] if isinstance(v, dict) else [f"{k}={format_value(v)}"])]
     overrides = [*base, *grid_overrides, *stage.overrides, *extra,
                  *(f"{key}={run.run_dir}" for key, run in sources.items())]
     try:

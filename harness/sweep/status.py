@@ -8,22 +8,16 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from harness.sweep.spec import PlannedRun, _fmt
+from harness.sweep.spec import PlannedRun, format_value
+from harness.train.rundir import is_end, read_status
 
 BAR_WIDTH = 30
 
 
-def read_result(run_dir: str) -> dict:
-    try:
-        return json.loads((Path(run_dir) / "result.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
 def run_state(run_dir: str) -> str:
     """completed | failed: <reason> | interrupted (started, has not ended) | new."""
-    status = str(read_result(run_dir).get("status", ""))
-    if status == "completed" or status.startswith("failed"):
+    status = read_status(run_dir)
+    if is_end(status):
         return status
     path = Path(run_dir)
     if status or (path / "config.yaml").exists() or any((path / "checkpoints").glob("step-*")):
@@ -75,15 +69,15 @@ def table(runs: list[PlannedRun], status: dict[str, str], started: dict[str, flo
         s = status.get(r.run_id, "queued")
         step = f"{last_step(r.run_dir) if s == 'running' else (r.steps if s == 'completed' else 0)}/{r.steps}"
         secs = f"{time.time() - started[r.run_id]:.0f} s" if s == "running" and r.run_id in started else ""
-        point = " ".join(f"{k}={_fmt(v)}" for k, v in r.point.items())
+        point = " ".join(f"{k}={format_value(v)}" for k, v in r.point.items())
         rows.append((r.run_id, r.stage, point, s if len(s) < 70 else s[:67] + "...", step, secs))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
 
 class StatusBoard:
-    """Live status: on a terminal the table is redrawn in place (with per-run steps, every second);
-    otherwise one plain line per status change, with the progress bar."""
+    """Live status: on a terminal a table redrawn in place by rich (with per-run steps, every second);
+    otherwise one plain line per status change, with the progress bar. The final table is printed plainly."""
 
     def __init__(self, runs: list[PlannedRun], status: dict[str, str], stream: TextIO | None = None):
         self.runs, self.status = runs, dict(status)
@@ -92,20 +86,32 @@ class StatusBoard:
         self.started: dict[str, float] = {}
         self.tic = time.time()
         self._lock = threading.Lock()
-        self._drawn = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._tick, daemon=True) if self.tty else None
+        self._live = None
 
     def __enter__(self) -> "StatusBoard":
-        if self._thread:
-            self._thread.start()
+        if self.tty:
+            from rich.console import Console
+            from rich.live import Live
+            self._live = Live(self._renderable(), console=Console(file=self.stream, force_terminal=True),
+                              refresh_per_second=1,
+                              get_renderable=self._renderable, transient=True)
+            self._live.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(2)
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
         self.redraw(final=True)
+
+    def _text(self) -> str:
+        with self._lock:
+            return table(self.runs, self.status, self.started) + "\n" + progress_line(
+                self.status, time.time() - self.tic)
+
+    def _renderable(self):
+        from rich.text import Text
+        return Text(self._text(), no_wrap=True, overflow="ellipsis")
 
     def update(self, run_id: str, status: str) -> None:
         with self._lock:
@@ -119,21 +125,11 @@ class StatusBoard:
                 name = Path(run.run_dir).name if run else run_id
                 print(f"{time.strftime('%H:%M:%S')} {status:<10s} {name}\n  "
                       f"{progress_line(self.status, time.time() - self.tic)}", file=self.stream, flush=True)
-        if self.tty:
-            self.redraw()
+        if self._live is not None:
+            self._live.refresh()
 
     def redraw(self, final: bool = False) -> None:
-        with self._lock:
-            if not self.tty and not final:
-                return
-            text = table(self.runs, self.status, self.started) + "\n" + progress_line(
-                self.status, time.time() - self.tic)
-            if self.tty and self._drawn:
-                self.stream.write(f"\x1b[{self._drawn}F\x1b[J")
-            self.stream.write(text + "\n")
+        """The whole table, printed once at the end (a terminal's live view redraws itself)."""
+        if final:
+            self.stream.write(self._text() + "\n")
             self.stream.flush()
-            self._drawn = text.count("\n") + 1 if self.tty and not final else 0
-
-    def _tick(self) -> None:
-        while not self._stop.wait(1.0):
-            self.redraw()

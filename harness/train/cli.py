@@ -8,16 +8,19 @@ Every job is composed and checked before Hydra starts any, so bad input is one l
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from harness.config import ConfigError, compose, default_run_dir
-from harness.train.rundir import RunDir, RunDirError, first_line
+from harness.train.rundir import RunDir, RunDirError, exclusive, first_line
 
 log = logging.getLogger("harness.train")
 
@@ -39,42 +42,63 @@ def _with_run_dir(cfg: DictConfig) -> DictConfig:
 def run(cfg: DictConfig) -> dict:
     """Train (or resume) one run; returns its result.json content. Collective over all ranks."""
     from harness.train import engine as eng
-    from harness.train.trainer import NonFiniteLoss, Trainer
 
     cfg = _with_run_dir(cfg)
     _configure_threads(cfg.trainer.threads)
     dist = eng.setup_distributed(cfg.trainer.device)
     run_dir = RunDir(cfg.run_dir)
     error = None
-    if dist.rank == 0:
-        try:
-            run_dir.prepare(cfg)
-        except RunDirError as exc:
-            error = str(exc)
-    error = eng.broadcast_object(error)
-    if error:
-        raise RunDirError(error)
+    with contextlib.ExitStack() as held:
+        if dist.rank == 0:
+            try:       # the lock first: a second process must not even rewrite config.json
+                held.enter_context(exclusive(run_dir.path, "harness.train"))
+                run_dir.prepare(cfg)
+            except RunDirError as exc:
+                error = str(exc)
+        error = eng.broadcast_object(error)
+        if error:
+            raise RunDirError(error)
+        return _train(cfg, run_dir, dist)
+
+
+@contextlib.contextmanager
+def _stop_on_signals(box: dict):
+    """SIGTERM / SIGINT (what schedulers and Ctrl-C send): during the loop the trainer finishes its step,
+    checkpoints and stops; elsewhere (setup, final scores) the run stops at once, as Interrupted. A second
+    signal stops at once too. Only in the main thread, where Python delivers signals."""
+    from harness.train.trainer import Interrupted
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        trainer = box.get("trainer")
+        if trainer is not None and box.get("in_loop") and not trainer.stop_signal:
+            trainer.request_stop(signum)
+            return
+        raise Interrupted(f"{signal.Signals(signum).name} (the newest checkpoint holds the work; run the same "
+                          f"command to resume)")
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _train(cfg: DictConfig, run_dir: RunDir, dist) -> dict:
+    from harness.train.trainer import Interrupted, NonFiniteLoss
     previous = run_dir.read_json("result.json")
     if previous and previous.get("status") == "completed":
         log.info("%s already completed", run_dir.path)
         return previous
     result: dict = {"status": "running", "run_dir": str(run_dir.path)}
+    box: dict = {}
     try:
-        trainer = Trainer(cfg, run_dir, dist)
-        resumed = trainer.resume()
-        if dist.rank == 0:
-            if resumed:
-                run_dir.truncate_metrics(trainer.counters.step)
-            run_dir.write_json("derived.json", _derived(trainer))
-            run_dir.write_json("result.json", {**result, "resumed_from_step": trainer.counters.step})
-        trainer.train()
-        trainer.save()
-        scores = trainer.evaluate(final=True) if cfg.eval.at_end else []
-        c = trainer.counters
-        result = {"status": "completed", "run_dir": str(run_dir.path), "steps": c.step,
-                  "nimg": c.step * cfg.trainer.batch_size, "flops_train": c.flops_total,
-                  "train_sec": c.train_sec, "nonfinite_skipped": c.nonfinite_total,
-                  "num_params": trainer.num_params, "scores": scores, "evals": c.evals}
+        with _stop_on_signals(box):
+            result = _train_and_score(cfg, run_dir, dist, box, result)
+    except Interrupted as exc:
+        result = {"status": f"interrupted: {exc}", "run_dir": str(run_dir.path)}
     except NonFiniteLoss as exc:
         result = {"status": f"failed: {exc}", "run_dir": str(run_dir.path)}
     except Exception as exc:
@@ -83,6 +107,28 @@ def run(cfg: DictConfig) -> dict:
     if dist.rank == 0:
         run_dir.write_json("result.json", result)
     return result
+
+
+def _train_and_score(cfg: DictConfig, run_dir: RunDir, dist, box: dict, result: dict) -> dict:
+    """Resume or start, train, checkpoint, score: the completed run's result."""
+    from harness.train.trainer import Trainer
+    trainer = box["trainer"] = Trainer(cfg, run_dir, dist)
+    resumed = trainer.resume()
+    if dist.rank == 0:
+        if resumed:
+            run_dir.truncate_metrics(trainer.counters.step)
+        run_dir.write_json("derived.json", _derived(trainer))
+        run_dir.write_json("result.json", {**result, "resumed_from_step": trainer.counters.step})
+    box["in_loop"] = True
+    trainer.train()
+    box["in_loop"] = False
+    trainer.save()
+    scores = trainer.evaluate(final=True) if cfg.eval.at_end else []
+    c = trainer.counters
+    return {"status": "completed", "run_dir": str(run_dir.path), "steps": c.step,
+            "nimg": c.step * cfg.trainer.batch_size, "flops_train": c.flops_total,
+            "train_sec": c.train_sec, "nonfinite_skipped": c.nonfinite_total,
+            "num_params": trainer.num_params, "scores": scores, "evals": c.evals}
 
 
 def _derived(trainer) -> dict:
@@ -131,8 +177,8 @@ def _grid(overrides: list[str]) -> list[list[str]]:
     """The jobs of a multirun (Hydra's basic sweeper's expansion), Hydra's own overrides left out."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
-    from harness.config import _is_hydra, _parse
-    parsed = [o for o in _parse(overrides) if not _is_hydra(o)]
+    from harness.config import is_hydra_override, parse_overrides
+    parsed = [o for o in parse_overrides(overrides) if not is_hydra_override(o)]
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import subprocess
 from dataclasses import dataclass
 
 import torch
@@ -31,21 +30,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _export_slurm_env() -> None:
-    """Map SLURM's task variables to torch.distributed's (for srun-started multi-task jobs)."""
-    env = os.environ
-    env["RANK"] = env["SLURM_PROCID"]
-    env["WORLD_SIZE"] = env["SLURM_NTASKS"]
-    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-    if "MASTER_ADDR" not in env:
-        nodes = env.get("SLURM_JOB_NODELIST", "")
-        try:
-            first = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True,
-                                   text=True, check=True).stdout.split()[0]
-        except (OSError, subprocess.CalledProcessError, IndexError):
-            first = env.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1")
-        env["MASTER_ADDR"] = first
-    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+def export_slurm_env() -> None:
+    """RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT from a SLURM task's environment (srun- or
+    submitit-started), by submitit's TorchDistributedEnvironment: the one place this mapping lives. GPUs stay
+    visible, so each rank takes cuda:LOCAL_RANK."""
+    import submitit
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
 
 
 def setup_distributed(device: str = "auto") -> DistInfo:
@@ -57,7 +47,7 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     import torch.distributed as dist
 
     if "RANK" not in env and int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
-        _export_slurm_env()
+        export_slurm_env()
     if "RANK" not in env:   # a lone process: a private rendezvous, so parallel runs never collide
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(_free_port()))
@@ -94,9 +84,67 @@ def lr_factor(step: int, t) -> float:
     return factor
 
 
+class DeepSpeedConfigError(ValueError):
+    """trainer.deepspeed_config / trainer.deepspeed that cannot be used (one line)."""
+
+
+# Keys of DeepSpeed's config that the harness sets from trainer.* (a user value would silently disagree
+# with the schedule, the batch accounting or the precision the harness records).
+HARNESS_DEEPSPEED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                          "optimizer", "scheduler", "fp16.enabled", "bf16.enabled", "amp", "gradient_clipping",
+                          "zero_optimization.stage")
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _flat_keys(d: dict, prefix: str = "") -> list[str]:
+    return [k for key, v in d.items()
+            for k in ([f"{prefix}{key}", *_flat_keys(v, f"{prefix}{key}.")] if isinstance(v, dict) else [f"{prefix}{key}"])]
+
+
+def user_deepspeed_options(t) -> dict:
+    """trainer.deepspeed_config (a JSON file) merged with trainer.deepspeed (keys), checked."""
+    import json
+    from omegaconf import OmegaConf
+    options: dict = {}
+    if t.deepspeed_config:
+        path = os.path.expanduser(str(t.deepspeed_config))
+        try:
+            with open(path) as fh:
+                options = json.load(fh)
+        except OSError as exc:
+            raise DeepSpeedConfigError(f"trainer.deepspeed_config={path} cannot be read ({exc.strerror})") from None
+        except json.JSONDecodeError as exc:
+            raise DeepSpeedConfigError(f"trainer.deepspeed_config={path} is not JSON ({exc.msg}, line {exc.lineno})") from None
+        if not isinstance(options, dict):
+            raise DeepSpeedConfigError(f"trainer.deepspeed_config={path} must hold a JSON object")
+    keys = t.deepspeed
+    if keys is not None and not isinstance(keys, dict):
+        keys = OmegaConf.to_container(keys, resolve=True) if OmegaConf.is_config(keys) else keys
+    if keys is not None and not isinstance(keys, dict):
+        raise DeepSpeedConfigError(f"trainer.deepspeed={keys!r} must be a mapping, e.g. "
+                                   f"trainer.deepspeed={{zero_optimization:{{overlap_comm:true}}}}")
+    options = _merge(options, keys or {})
+    owned = sorted(k for k in _flat_keys(options) if k in HARNESS_DEEPSPEED_KEYS)
+    if owned:
+        raise DeepSpeedConfigError(f"DeepSpeed option(s) {', '.join(owned)} are set by the harness from trainer.* "
+                                   f"(batch_size, precision, optimizer, lr, grad_clip, zero_stage); set those instead")
+    return options
+
+
 def deepspeed_config(t, precision: str, world_size: int) -> dict:
+    """DeepSpeed's config: the harness's own, with the user's options (user_deepspeed_options) over it."""
     if t.batch_size % world_size:
         raise ValueError(f"trainer.batch_size={t.batch_size} is not divisible by the {world_size} ranks")
+    return _merge(_harness_deepspeed_config(t, precision, world_size), user_deepspeed_options(t))
+
+
+def _harness_deepspeed_config(t, precision: str, world_size: int) -> dict:
     return {
         "train_batch_size": t.batch_size,
         "train_micro_batch_size_per_gpu": t.batch_size // world_size,

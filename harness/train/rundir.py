@@ -9,14 +9,58 @@
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
+import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from omegaconf import DictConfig, OmegaConf
+
+
+def is_end(status: str) -> bool:
+    """Has a run with this result.json status ended (completed, or failed with its reason)?"""
+    return status == "completed" or status.startswith("failed")
+
+
+def read_result(run_dir: str | Path) -> dict[str, Any]:
+    """A run's result.json ({} when it has none yet, or it cannot be read as a JSON object)."""
+    result = RunDir(run_dir).read_json("result.json")
+    return result if isinstance(result, dict) else {}
+
+
+def read_status(run_dir: str | Path) -> str:
+    """A run's status ('' when it has no readable result.json)."""
+    return str(read_result(run_dir).get("status", ""))
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def exclusive(directory: str | Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on `directory` (fcntl.flock on <directory>/.lock, which names the holder)
+    while `what` runs in it. A second process gets a one-line RunDirError naming the holder; a lock left
+    by a process that died is free (the kernel drops it with the process) and is simply taken over."""
+    path = Path(directory) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            raise RunDirError(f"{directory} is in use by {holder}; wait for it to end or stop it") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{what} (pid {os.getpid()} on {socket.gethostname()}, since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)                     # closing drops the lock
 
 
 def first_line(exc: BaseException) -> str:

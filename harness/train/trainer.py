@@ -6,6 +6,7 @@ FLOP / throughput accounting and logging. It never mentions a method by name.
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from harness.eval.grid import save_grid
 from harness.eval.metrics import build_metric
 from harness.eval.score import generate, score
 from harness.nets import build_net, count_params, uses_forced_weight_norm
-from harness.train.rundir import RunDir
+from harness.train.rundir import RunDir, read_status
 from harness.train.seeding import EpochSampler, seed_step
 from methods.base import StepContext
 
@@ -32,6 +33,10 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class Interrupted(RuntimeError):
+    """SIGTERM or SIGINT stopped the run; its newest checkpoint holds the work done."""
 
 
 @dataclass
@@ -59,7 +64,7 @@ def check_source_run(run_dir: str, data: DictConfig, student: str = "") -> DictC
     if not src.config_path.exists():
         raise ValueError(f"{run_dir} is not a run directory (no config.yaml)")
     other = src.load_config()
-    status = (src.read_json("result.json") or {}).get("status", "unknown")
+    status = read_status(run_dir) or "unknown"
     if status != "completed":
         raise ValueError(f"{run_dir} has not completed (status: {status}); finish it first")
     if other.data.name != data.name:
@@ -111,6 +116,7 @@ def load_weights(net: torch.nn.Module, weights: dict[str, torch.Tensor], source:
 class Trainer:
     def __init__(self, cfg: DictConfig, run: RunDir, dist: eng.DistInfo):
         self.cfg, self.run, self.dist = cfg, run, dist
+        self.stop_signal = 0                                          # set by request_stop (SIGTERM/SIGINT)
         t = cfg.trainer
         self.device = dist.device
         self.precision = eng.resolve_precision(t.precision, self.device)
@@ -223,6 +229,10 @@ class Trainer:
         return None
 
     # -- the loop ------------------------------------------------------------------------------
+    def request_stop(self, signum: int) -> None:
+        """From a signal handler: finish the current step, checkpoint, raise Interrupted."""
+        self.stop_signal = signum
+
     def train(self) -> None:
         t, c = self.cfg.trainer, self.counters
         acc: dict[str, float] = {}
@@ -252,6 +262,11 @@ class Trainer:
                 self.grid(f"grid_step{c.step:07d}.png")
             if c.step % t.checkpoint_every_steps == 0 and c.step < t.steps:
                 self.save()
+            if not eng.all_true(not self.stop_signal) and c.step < t.steps:   # SIGTERM / SIGINT on any rank
+                if c.step % t.checkpoint_every_steps:
+                    self.save()
+                raise Interrupted(f"{signal.Signals(self.stop_signal or signal.SIGTERM).name} at step {c.step} "
+                                  f"(checkpoint saved; run the same command to resume)")
 
     def _log(self, acc: dict[str, float], n: int, step_secs: list[float]) -> None:
         means = eng.mean_over_ranks({k: v / n for k, v in acc.items()}) if n else {}
