@@ -69,7 +69,7 @@ def test_bold_and_footnote_marks_are_printed(capsys):
 def test_unknown_paper_is_one_line_exit_2(capsys):
     assert tables.main(["--paper", "edm"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "harness.analysis.tables: unknown --paper 'edm'; valid: ect, sct, scm, gcm, cm, all"
+    assert err == "harness.analysis.tables: unknown --paper 'edm'; valid: ect, stable_ct, scm, gcm, cm, all"
 
 
 def _latex_strip(text: str) -> str:
