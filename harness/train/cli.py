@@ -155,8 +155,9 @@ def _relaunch_distributed(nproc: int, argv: list[str]) -> int:
 # Hydra's flags that print something and run nothing, and those that take a value.
 _INFO_FLAGS = ("-h", "--help", "--hydra-help", "--version", "-c", "--cfg", "-i", "--info", "-sc",
                "--shell-completion", "--resolve", "-p", "--package")
-_VALUE_FLAGS = ("-c", "--cfg", "-p", "--package", "-i", "--info", "-sc", "--shell-completion", "-cp",
-                "--config-path", "-cn", "--config-name", "-cd", "--config-dir", "--experimental-rerun")
+# flags of a run (not an info request) whose value is the next token
+_VALUE_FLAGS = ("-p", "--package", "-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir",
+                "--experimental-rerun")
 _exit_codes: list[int] = []   # one per job the Hydra app ran in this process
 
 
@@ -166,7 +167,7 @@ def _split_argv(argv: list[str]) -> tuple[list[str], list[str], bool]:
     for arg in it:
         if arg.startswith("-") and "=" not in arg:
             flags.append(arg)
-            if arg in _VALUE_FLAGS and arg not in ("-i", "--info", "-sc", "--shell-completion", "-c", "--cfg"):
+            if arg in _VALUE_FLAGS:
                 flags.append(next(it, ""))
         else:
             overrides.append(arg)
