@@ -306,3 +306,66 @@ def test_best_ema_is_chosen_by_the_selection_score_not_the_reported_one():
     # runs scored before the selection protocol: the lowest score, as before
     old = pd.DataFrame([{k: v for k, v in r.items() if k != "selection_value"} for r in rows])
     assert fit_points(old, CollectConfig())["ema"].tolist() == ["ema_std0.05"]
+
+
+_COLLECT_IN_A_CHILD = """
+import json, sys
+from harness.analysis.runs import load_runs
+df, problems = load_runs(sys.argv[1])
+print(json.dumps({"runs": sorted(set(df.run)), "problems": [[p["run"], p["problem"]] for p in problems]}))
+"""
+
+
+def test_hostile_inputs_neither_stop_nor_hide_anything(tmp_path, monkeypatch):
+    """Issue 15: a self-referencing YAML alias, a nested-alias bomb, a FIFO named result.json, a directory
+    the reader cannot list, a symlinked run (read), a symlink loop and a dangling symlink: the collector
+    finishes (in a child with a deadline, so a hang fails the test) and reports each as a problem row."""
+    import json
+    import os
+    root = tmp_path / "runs"
+    write_run(root / "good", steps=100)
+    for name, text in (("self-alias", "a: &a [*a]\n"),
+                       ("alias-bomb", "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+                           f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi")))):
+        path = write_run(root / name, config_json=False)
+        (path / "config.yaml").write_text(text)
+    fifo = write_run(root / "fifo")
+    (fifo / "result.json").unlink()
+    os.mkfifo(fifo / "result.json")
+    elsewhere = write_run(tmp_path / "elsewhere" / "linked", steps=200)
+    (root / "linked").symlink_to(elsewhere)
+    (root / "sub").mkdir()
+    (root / "sub" / "loop").symlink_to(root)
+    (root / "dangling").symlink_to(tmp_path / "nowhere")
+    locked = root / "locked"
+    write_run(locked / "hidden-run")
+    os.chmod(locked, 0)
+    try:
+        out = subprocess.run([sys.executable, "-c", _COLLECT_IN_A_CHILD, str(root)], capture_output=True,
+                             text=True, timeout=120, cwd=REPO)
+    finally:
+        os.chmod(locked, 0o755)
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout)
+    probs = dict(map(tuple, seen["problems"]))
+    root_user = os.geteuid() == 0   # root reads a mode-000 directory anyway: the failure is injected below
+    assert seen["runs"] == ["good", "linked"] + (["locked/hidden-run"] if root_user else [])
+    assert probs["self-alias"].startswith("config.yaml unreadable (corrupt): ComposerError: YAML aliases are not read")
+    assert probs["alias-bomb"].startswith("config.yaml unreadable (corrupt): ComposerError: YAML aliases are not read")
+    assert probs["fifo"] == "result.json unreadable: not a regular file (a FIFO)"
+    assert probs["sub/loop"] == f"symlink to {os.path.realpath(root)}, already read as {root}; skipped"
+    assert probs["dangling"] == f"symlink to {tmp_path / 'nowhere'}, which does not exist; skipped"
+    if not root_user:
+        assert probs["locked"] == "unreadable directory: PermissionError: Permission denied"
+    assert len(probs) == 5 + (not root_user)
+
+    real_scandir = os.scandir
+
+    def refuse(path):
+        if os.fspath(path) == str(locked):
+            raise PermissionError(13, "Permission denied", str(locked))
+        return real_scandir(path)
+    monkeypatch.setattr(os, "scandir", refuse)
+    _, problems = load_runs(root)
+    assert {p["run"]: p["problem"] for p in problems}["locked"] == \
+        "unreadable directory: PermissionError: Permission denied"

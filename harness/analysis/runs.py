@@ -2,15 +2,18 @@
 
 A run directory is any directory holding one of RUN_MARKERS; the search does not descend into one.
 Its config is read from config.json when present (json.loads), else from config.yaml (PyYAML's safe
-loader; runs written before config.json existed); nothing read can execute code. Every run that is
-unfinished, failed or unreadable is reported as a problem, never dropped silently, and no file content
-can make the reader raise.
+loader without aliases; runs written before config.json existed); nothing read can execute code. Only
+regular files are opened (a FIFO named result.json cannot block it) and none over MAX_FILE_BYTES; symlinked
+directories are followed once. Every run that is unfinished, failed or unreadable, and every directory it
+cannot search, is reported as a problem, never dropped silently, and no file content can make the reader
+raise or hang.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -24,28 +27,49 @@ BASE_COLUMNS = ["run_dir", "run", "status", "method", "model", "data", "num_para
                 "train_sec", "train_steps", "precision", "world_size", "source", "ema", "steps", "nfe",
                 "metric", "value", "floor", "step", "num_samples", "seed", "reference", "sample_sec"]
 _RUN_LEVEL = set(BASE_COLUMNS[:13]) | {"source"}
-_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+MAX_FILE_BYTES = 64 << 20   # a run's config or result is kilobytes; evaluate.json with grids stays far below
 
 
-def find_run_dirs(root: Path, skip: tuple[Path, ...] = ()) -> list[Path]:
-    """Directories under root (root included) that hold a run marker, sorted by path."""
-    skip_set = {os.path.abspath(p) for p in skip}
-    found, stack = [], [os.fspath(root)]
+def find_run_dirs(root: Path, skip: tuple[Path, ...] = ()) -> tuple[list[Path], list[dict]]:
+    """Directories under root (root included) that hold a run marker, sorted by path, and the directories
+    it could not search ([{"run_dir", "problem"}]). A symlinked directory is followed once: one whose
+    target was already searched (a loop, or a second link to one folder) is reported, not read again."""
+    skip_set = {os.path.realpath(p) for p in skip}
+    found: list[Path] = []
+    problems: list[dict] = []
+    seen: dict[str, str] = {}
+    stack = [os.fspath(root)]
     while stack:
         path = stack.pop()
+        real = os.path.realpath(path)
+        if real in seen:
+            problems.append({"run_dir": path, "problem": f"symlink to {real}, already read as {seen[real]}; "
+                                                          "skipped"})
+            continue
+        seen[real] = path
         try:
             with os.scandir(path) as it:
                 entries = list(it)
-        except OSError:
+        except OSError as exc:
+            problems.append({"run_dir": path, "problem": f"unreadable directory: {type(exc).__name__}: "
+                                                          f"{_first_line(exc.strerror or exc)}"})
             continue
         if any(e.name in RUN_MARKERS for e in entries):
             found.append(Path(path))
             continue
         for e in entries:
-            if e.is_dir(follow_symlinks=False) and not e.name.startswith(".") \
-                    and os.path.abspath(e.path) not in skip_set:
+            if e.name.startswith(".") or os.path.realpath(e.path) in skip_set:
+                continue
+            try:
+                is_dir = e.is_dir()   # follows a symlink; `seen` stops loops
+            except OSError:
+                is_dir = False
+            if is_dir:
                 stack.append(e.path)
-    return sorted(found, key=lambda p: p.as_posix())
+            elif e.is_symlink() and not os.path.exists(e.path):
+                problems.append({"run_dir": e.path, "problem": f"symlink to {os.readlink(e.path)}, which does "
+                                                               "not exist; skipped"})
+    return sorted(found, key=lambda p: p.as_posix()), problems
 
 
 def flatten(tree: Any, prefix: str = "cfg.") -> dict[str, Any]:
@@ -70,12 +94,40 @@ def _first_line(text: Any, limit: int = 200) -> str:
     return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases: a self-referencing or nested alias can make a reader loop
+    or grow without bound, and the harness never writes one."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"YAML aliases are not read (*{event.anchor})",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+
 def _read_text(path: Path) -> str | None:
+    """A regular file's text (None when absent). Anything else (a FIFO, a device, a directory) or a file
+    over MAX_FILE_BYTES is an OSError rather than a read that blocks or fills memory."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            return fh.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         return None
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(f"not a regular file ({_file_kind(info.st_mode)})")
+        if info.st_size > MAX_FILE_BYTES:
+            raise OSError(f"{info.st_size} bytes, more than the {MAX_FILE_BYTES} a run's file may have")
+        return fh.read(MAX_FILE_BYTES + 1).decode("utf-8")
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a plain file"
 
 
 def _read_mapping(path: Path, kind: str) -> tuple[dict | None, str | None]:
@@ -85,10 +137,12 @@ def _read_mapping(path: Path, kind: str) -> tuple[dict | None, str | None]:
         if text is None:
             return None, None
         if kind == "yaml":
-            data = yaml.load(text, Loader=_SAFE_LOADER)
+            data = yaml.load(text, Loader=_NoAliasLoader)
         else:
             data = json.loads(text)
     except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
+        if isinstance(exc, OSError):
+            return None, f"{path.name} unreadable: {_first_line(exc.strerror or exc)}"
         what = "truncated or corrupt" if kind == "json" else "corrupt"
         return None, f"{path.name} unreadable ({what}): {type(exc).__name__}: {_first_line(exc)}"
     if not isinstance(data, dict):
@@ -106,7 +160,10 @@ def _read_config(path: Path) -> tuple[dict | None, str | None]:
 
 def _last_logged_step(path: Path) -> str:
     try:
-        with open(path, "rb") as fh:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return ", metrics.jsonl is not a regular file"
             fh.seek(0, os.SEEK_END)
             fh.seek(max(0, fh.tell() - 4096))
             lines = fh.read().decode("utf-8", "replace").splitlines()
@@ -224,9 +281,11 @@ def load_runs(root: str | Path, skip: tuple[Path, ...] = ()) -> tuple[pd.DataFra
     run; problems: [{"run_dir", "problem"}] for unfinished, failed or corrupt runs)."""
     root = Path(root)
     rows: list[dict] = []
-    problems: list[dict] = []
-    for path in find_run_dirs(root, skip):
-        run = path.relative_to(root).as_posix()
+    paths, problems = find_run_dirs(root, skip)
+    for problem in problems:
+        problem["run"] = _relative(Path(problem["run_dir"]), root)
+    for path in paths:
+        run = _relative(path, root)
         try:
             run_rows, run_problems = read_run(path, run)
         except Exception as exc:   # the reader must survive anything a file can hold
@@ -234,6 +293,10 @@ def load_runs(root: str | Path, skip: tuple[Path, ...] = ()) -> tuple[pd.DataFra
         rows.extend(run_rows)
         problems.extend({"run_dir": str(path), "run": run, "problem": p} for p in run_problems)
     return _frame(rows), problems
+
+
+def _relative(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
 
 
 def _frame(rows: list[dict]) -> pd.DataFrame:

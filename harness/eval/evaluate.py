@@ -94,8 +94,6 @@ def _check_method(cfg: DictConfig) -> None:
 
 def load_networks(run_dir: Path, cfg: DictConfig, data, device):
     """(method, {ema name: network}, checkpoint path, its harness state) from the newest readable checkpoint."""
-    import torch
-
     import methods
     from harness.train import checkpoint
     from harness.nets import build_net
@@ -104,9 +102,11 @@ def load_networks(run_dir: Path, cfg: DictConfig, data, device):
         raise EvaluateError(f"{run_dir} has no checkpoint (checkpoints/step-*/): train it first")
     for ckpt in ckpts:
         try:
-            state = torch.load(ckpt / "harness.pt", map_location="cpu", weights_only=True)
+            state = checkpoint.safe_load(ckpt / "harness.pt")
             weights = state["emas"] or {"net": _engine_weights(ckpt)}
             break
+        except checkpoint.UnsafeCheckpointError as exc:
+            raise EvaluateError(str(exc)) from None
         except Exception as exc:
             log.warning("%s is unreadable (%s); trying the previous checkpoint", ckpt, type(exc).__name__)
     else:
@@ -128,11 +128,11 @@ def load_networks(run_dir: Path, cfg: DictConfig, data, device):
 
 def _engine_weights(ckpt: Path) -> dict:
     """The raw network from DeepSpeed's model states file, for a run that kept no EMA."""
-    import torch
+    from harness.train import checkpoint
     files = sorted((ckpt / "engine").glob("mp_rank_*_model_states.pt"))
     if not files:
         raise FileNotFoundError(f"no model states under {ckpt / 'engine'}")
-    return torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    return checkpoint.safe_load(files[0])["module"]
 
 
 def evaluate(run_dir: Path, cfg: DictConfig, device: str = "auto", argv: list[str] | None = None) -> dict:

@@ -4,11 +4,17 @@
 lr schedule) under `engine/`, and `harness.pt` (every EMA, the method's state, step, data position,
 counters) plus one `rng-rank<k>.pt` per rank. It is written under a temporary name and renamed when
 complete; the loader takes the newest readable one and falls back to older ones with a warning.
+
+Every file is read by `safe_load`: torch's weights-only unpickler (tensors, containers, numbers, strings)
+plus the few DeepSpeed state classes its engine files hold, for the harness's own files and, through
+`install_safe_loader`, for DeepSpeed's engine load too. A checkpoint that needs anything else would run
+code when unpickled (a shared teacher or init run is the obvious carrier) and is refused, naming the file.
 """
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -22,6 +28,46 @@ from harness.train.rundir import first_line
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^step-(\d{7,})$")
 _TMP_PREFIX = ".tmp-"
+
+
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")   # how torch's weights-only unpickler names a refused callable
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file that holds more than tensors and plain data: loading it could run code."""
+
+
+def _deepspeed_state_classes() -> list:
+    """The non-tensor classes DeepSpeed's engine files hold (loss scalers, ZeRO's stage enum and fragment
+    addresses: plain data classes whose unpickling runs no code of the file's choosing)."""
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:   # an evaluation-only install: the harness's own files need none of them
+        return []
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """torch.load with weights_only=True and DeepSpeed's state classes; UnsafeCheckpointError (one line,
+    naming the file and what it asked for) for a file that names any other callable. A corrupt file
+    raises as torch raises it."""
+    with torch.serialization.safe_globals(_deepspeed_state_classes()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            m = _GLOBAL.search(str(exc))
+            if m is None:      # not a refused global: a corrupt file, for the caller's fallback
+                raise
+            raise UnsafeCheckpointError(f"{path}: refused: loading it would call {m.group(1).rstrip('.')}, "
+                                        f"and only tensors and plain data are read from a checkpoint") from None
+
+
+def install_safe_loader(engine) -> None:
+    """Make DeepSpeed's engine load its checkpoint files through safe_load (its own loader unpickles
+    whatever they hold)."""
+    engine.checkpoint_engine.load = safe_load
 
 
 def step_name(step: int) -> str:
@@ -107,9 +153,11 @@ def load_latest(engine, run_dir: Path, rank: int,
     for path in map(Path, candidates):
         state = rng = problem = None
         try:
-            state = torch.load(path / "harness.pt", map_location="cpu", weights_only=True)
+            state = safe_load(path / "harness.pt")
             rng_file = path / f"rng-rank{rank}.pt"
-            rng = torch.load(rng_file, weights_only=True) if rng_file.exists() else None
+            rng = safe_load(rng_file) if rng_file.exists() else None
+        except UnsafeCheckpointError:
+            raise
         except Exception as exc:
             problem = exc
         if eng.all_true(problem is None):
@@ -118,6 +166,8 @@ def load_latest(engine, run_dir: Path, rank: int,
                 if loaded is None:
                     raise RuntimeError("DeepSpeed found no engine state")
                 apply_state(state)
+            except UnsafeCheckpointError:
+                raise
             except Exception as exc:
                 problem = exc
         if not eng.all_true(problem is None):   # unreadable here or on another rank: the one before it

@@ -169,6 +169,8 @@ def build_engine(net: torch.nn.Module, t, precision: str, world_size: int):
     engine, _, _, _ = deepspeed.initialize(model=net, optimizer=optimizer,
                                            config=deepspeed_config(t, precision, world_size),
                                            dist_init_required=False)
+    from harness.train.checkpoint import install_safe_loader   # checkpoint imports this module
+    install_safe_loader(engine)
     return engine
 
 

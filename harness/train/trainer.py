@@ -85,8 +85,10 @@ def load_run_net(run_dir: str, ema_name: str, data: DictConfig,
     src, other = RunDir(run_dir), check_source_run(run_dir, data, student)
     for ckpt in checkpoint.list_checkpoints(src.path):
         try:
-            emas = torch.load(ckpt / "harness.pt", map_location="cpu", weights_only=True)["emas"]
+            emas = checkpoint.safe_load(ckpt / "harness.pt")["emas"]
             break
+        except checkpoint.UnsafeCheckpointError:
+            raise
         except Exception as exc:
             log.warning("%s is unreadable (%s); trying the previous checkpoint", ckpt, type(exc).__name__)
     else:
