@@ -12,6 +12,7 @@ code when unpickled (a shared teacher or init run is the obvious carrier) and is
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pickle
@@ -28,6 +29,7 @@ from harness.train.rundir import first_line
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^step-(\d{7,})$")
 _TMP_PREFIX = ".tmp-"
+_FULL_BYTES = 1 << 20   # under 1 MiB free after a failed save: the disk filled up
 
 
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")   # how torch's weights-only unpickler names a refused callable
@@ -122,9 +124,33 @@ def save(engine, run_dir: Path, step: int, state: dict[str, Any], rank: int, kee
     tmp = root / f"{_TMP_PREFIX}{final.name}"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(f"{_TMP_PREFIX}*"):      # leftovers of interrupted saves
-            shutil.rmtree(stale, ignore_errors=True)
+        for stale in root.glob(f"{_TMP_PREFIX}*"):      # leftovers of saves whose process died (the run
+            shutil.rmtree(stale, ignore_errors=True)    # directory's lock says none is alive)
     eng.barrier()
+    try:
+        return _save(engine, run_dir, root, final, tmp, state, rank, keep)
+    except Exception as exc:
+        full = _disk_full(root)
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)      # ours: the older checkpoints stay as they were
+        if full and not (isinstance(exc, OSError) and exc.errno == errno.ENOSPC):
+            # torch.save reports a full disk as a RuntimeError of its zip writer: name the cause
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"saving {final}") from exc
+        raise
+
+
+def _disk_full(path: Path) -> bool:
+    """Is the filesystem holding `path` (next to) full? Checked when a save fails, before its partial
+    files are removed."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < _FULL_BYTES
+
+
+def _save(engine, run_dir: Path, root: Path, final: Path, tmp: Path, state: dict[str, Any], rank: int,
+          keep: int) -> Path:
     engine.save_checkpoint(str(tmp), tag="engine", save_latest=False)
     torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
     eng.barrier()

@@ -20,7 +20,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from harness.config import ConfigError, compose, default_run_dir
-from harness.train.rundir import RunDir, RunDirError, exclusive, first_line
+from harness.train.rundir import RunDir, RunDirError, describe_error, exclusive, first_line
 
 log = logging.getLogger("harness.train")
 
@@ -102,10 +102,14 @@ def _train(cfg: DictConfig, run_dir: RunDir, dist) -> dict:
     except NonFiniteLoss as exc:
         result = {"status": f"failed: {exc}", "run_dir": str(run_dir.path)}
     except Exception as exc:
-        result = {"status": f"failed: {type(exc).__name__}: {first_line(exc)}",
+        result = {"status": f"failed: {describe_error(exc)}",
                   "run_dir": str(run_dir.path), "traceback": traceback.format_exc()}
     if dist.rank == 0:
-        run_dir.write_json("result.json", result)
+        unwritten = run_dir.write_status(result)
+        if unwritten:
+            print(f"error: {run_dir.path / 'result.json'} could not be written ({unwritten}); it does not "
+                  f"say that the run ended with: {result['status']}", file=sys.stderr)
+            result = {**result, "status_unwritten": unwritten}
     return result
 
 
@@ -250,7 +254,7 @@ def _report(result: dict) -> int:
     for s in result.get("scores", []):
         print(f"  {s['ema']:>16s} {s['steps']:>3d} step(s) (NFE {s['nfe']}): {s['metric']} "
               f"{s['value']:.3f} (floor {s['floor']:.3f})")
-    return 0 if status == "completed" else 1
+    return 0 if status == "completed" and not result.get("status_unwritten") else 1
 
 
 def _hydra_app(argv: list[str]) -> int:

@@ -73,13 +73,28 @@ class RunDirError(ValueError):
     pass
 
 
+def describe_error(exc: BaseException) -> str:
+    """One line for a status: an OS error by its reason and file ("No space left on device (path)"),
+    anything else by its type and first line."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror + (f" ({exc.filename})" if exc.filename else "")
+    return f"{type(exc).__name__}: {first_line(exc)}"
+
+
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary name, fsync, rename; a failure removes the temporary file (ours: the pid
+    is in its name) and leaves `path` as it was."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _clean(value: Any) -> Any:
@@ -125,6 +140,26 @@ class RunDir:
 
     def write_json(self, name: str, data: dict[str, Any]) -> None:
         atomic_write_text(self.path / name, json.dumps(_clean(data), indent=2, sort_keys=True) + "\n")
+
+    def write_status(self, result: dict[str, Any]) -> str | None:
+        """Write result.json; when the atomic write fails (a full disk has no room for a second copy),
+        overwrite the existing file in place. None when written, else why it could not be."""
+        text = json.dumps(_clean(result), indent=2, sort_keys=True) + "\n"
+        path = self.path / "result.json"
+        try:
+            atomic_write_text(path, text)
+            return None
+        except OSError as exc:
+            first = describe_error(exc)
+        try:
+            with open(path, "r+") as fh:     # the blocks it frees by truncating are enough for a status
+                fh.truncate(0)
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            return None
+        except OSError:
+            return first
 
     def read_json(self, name: str) -> dict[str, Any] | None:
         try:
