@@ -29,14 +29,15 @@ class StageSpec:
     after: tuple[str, ...] = field(default_factory=tuple)
 
 
-def execute(spec: RunSpec) -> dict:
+def execute(spec: RunSpec, stop_signals: tuple[int, ...] = ()) -> dict:
     """Compose and train one run in this process; the one function every launcher's worker calls.
+    SIGTERM, SIGINT and `stop_signals` checkpoint and stop it (harness.train.cli.run).
 
     Returns the run's result.json content (a run that already completed returns it at once)."""
     from harness.config import compose
-    from harness.train.cli import run
+    from harness.train.cli import STOP_SIGNALS, run
 
-    return run(compose(list(spec.overrides)))
+    return run(compose(list(spec.overrides)), (*STOP_SIGNALS, *stop_signals))
 
 
 # torch.distributed's rendezvous variables. A lone run's harness.train.engine.setup_distributed writes them into

@@ -24,6 +24,11 @@ def register(name: str):
     return wrap
 
 
+def unregister(name: str) -> None:
+    """Remove a method registered with `register` (for tests and plugins that add one for a while)."""
+    _REGISTRY.pop(name, None)
+
+
 def _load_builtins() -> None:
     global _loaded
     if not _loaded:

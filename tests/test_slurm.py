@@ -241,15 +241,18 @@ def test_stages_match_local_failures_reported_dependencies_hold(cluster, tmp_pat
 
 @pytest.mark.slurm
 def test_timeout_requeues_and_resumes_to_the_same_weights(cluster, tmp_path):
-    overrides = ["method=ect", "trainer.steps=120", "trainer.lr=1e-3", "trainer.checkpoint_every_steps=20",
-                 "eval.at_end=false"]
+    """The pre-timeout signal checkpoints the run at the step it reached (not at its last scheduled
+    checkpoint), submitit requeues the task, and the requeued run resumes from that step."""
+    overrides = ["method=ect", "trainer.steps=120", "trainer.lr=1e-3", "trainer.checkpoint_every_steps=1000",
+                 "trainer.log_every_steps=1", "eval.at_end=false"]
     run = _spec("requeued", tmp_path / "slurm", *overrides)
     tracker = SlurmLauncher(poll_sec=1, max_requeue=2, time=10).submit([StageSpec("s", (run,))])
     job = tracker.tasks[0].job
     deadline = time.time() + 240
-    while not list(Path(run.run_dir).glob("checkpoints/step-*")):
-        assert time.time() < deadline and not is_end(tracker.poll()["requeued"]), "no checkpoint was written"
+    while _logged_steps(run.run_dir)[-1:] < [15]:
+        assert time.time() < deadline and not is_end(tracker.poll()["requeued"]), "the run did not start"
         time.sleep(0.5)
+    reached = _logged_steps(run.run_dir)[-1]
     job._interrupt(timeout=True)     # submitit's own helper: the signal SLURM sends before a time limit
     # SLURM holds a requeued job ~2 min before it may start (BeginTime); let it start now instead
     while not _sacct(str(job.job_id), "State") or _sacct(str(job.job_id), "State")[0]["State"] != "PENDING":
@@ -267,11 +270,43 @@ def test_timeout_requeues_and_resumes_to_the_same_weights(cluster, tmp_path):
     assert [r["State"] for r in records] == ["REQUEUED", "COMPLETED"]
     log = job.stderr() or ""
     resumed = [int(line.rsplit(" ", 1)[1]) for line in log.splitlines() if "resumed from step" in line]
-    assert len(resumed) == 1 and 20 <= resumed[0] < 120 and resumed[0] % 20 == 0
-    steps = [json.loads(line)["step"] for line in Path(run.run_dir, "metrics.jsonl").read_text().splitlines()
-             if "loss" in json.loads(line)]
-    assert steps == sorted(set(steps)) and steps[-1] == 120          # one straight run after truncation
+    assert len(resumed) == 1 and reached <= resumed[0] < 120       # at most the step in progress redone
+    assert f"interrupted: SIGUSR2 at step {resumed[0]} (checkpoint saved" in log
+    steps = _logged_steps(run.run_dir)
+    assert steps == list(range(1, 121))                               # one straight run after truncation
     _assert_same_weights(run.run_dir, reference["run_dir"])
+
+
+def _logged_steps(run_dir: str) -> list[int]:
+    path = Path(run_dir, "metrics.jsonl")
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [rec["step"] for rec in map(json.loads, lines) if "loss" in rec]
+
+
+@pytest.mark.slurm
+def test_scancel_stops_the_run_and_its_dependents(cluster, tmp_path):
+    """scancel mid-run: the run checkpoints and stops (interrupted, resumable), the driver reports it
+    failed saying so, and the stage after it never starts."""
+    first = _spec("first", tmp_path / "slurm", "method=edm", "trainer.steps=2000", "trainer.log_every_steps=1",
+                  "trainer.checkpoint_every_steps=1000", "eval.at_end=false")
+    then = _spec("then", tmp_path / "slurm", "method=edm", "trainer.steps=5")
+    tracker = SlurmLauncher(poll_sec=1).submit([StageSpec("a", (first,)), StageSpec("b", (then,), after=("a",))])
+    deadline = time.time() + 240
+    while _logged_steps(first.run_dir)[-1:] < [10]:
+        assert time.time() < deadline and not is_end(tracker.poll()["first"]), "the run did not start"
+        time.sleep(0.5)
+    subprocess.run(["scancel", str(tracker.tasks[0].job.job_id)], check=True)
+    statuses = _wait(tracker)
+    assert statuses["first"].startswith("failed: launchers.slurm_job.RunsFailed: run first interrupted: "
+                                        "SIGTERM at step "), statuses["first"]
+    assert statuses["then"] == "failed: not run: stage 'a' it depends on did not complete"
+    result = json.loads(Path(first.run_dir, "result.json").read_text())
+    step = int(re.match(r"interrupted: SIGTERM at step (\d+) \(checkpoint saved", result["status"]).group(1))
+    assert Path(first.run_dir, "checkpoints", f"step-{step:07d}").is_dir() and 10 <= step < 2000
+    time.sleep(3)
+    assert not Path(then.run_dir).exists()                            # the dependent never ran
+    jobs = json.loads((tmp_path / "slurm" / "_slurm" / "jobs.json").read_text())
+    assert [r["State"].split()[0] for r in _sacct(jobs["then"]["job_id"], "State")] in (["CANCELLED"], [])
 
 
 @pytest.mark.slurm

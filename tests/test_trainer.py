@@ -14,6 +14,7 @@ from harness.train.ema import EMA, std_to_exp
 from harness.train.engine import lr_factor, setup_distributed
 from harness.train.seeding import EpochSampler
 from harness.train.cli import run
+from harness.train.rundir import RunDir
 from harness.train.trainer import Trainer
 from methods.base import Method
 from methods.ect import ECTConfig
@@ -98,8 +99,10 @@ def test_corrupt_newest_checkpoint_falls_back(compose_run, tmp_path, caplog):
 
 
 class _NaNAt(Method):
-    """EDM's loss, replaced by NaN at the steps listed in `bad` (a stand-in for a diverging method)."""
+    """EDM's loss, replaced by NaN at the steps listed in `bad`, or scaled by 1e9 from step `blow_up_from`
+    on (stand-ins for a diverging method)."""
     bad: set = set()
+    blow_up_from: int | None = None
 
     def __init__(self, cfg, data_shape, num_classes):
         super().__init__(cfg, data_shape, num_classes)
@@ -109,18 +112,21 @@ class _NaNAt(Method):
         out = self.inner.loss(ctx, batch)
         if ctx.step in self.bad or "all" in self.bad:
             out["loss"] = out["loss"] * float("nan")
+        if self.blow_up_from is not None and ctx.step >= self.blow_up_from:   # finite, and far too large
+            out["loss"] = out["loss"] * 1e9
         return out
 
 
 @pytest.fixture
 def nan_method():
-    if "test_nan" not in methods.names():
-        @methods.register("test_nan")
-        class TestNaN(_NaNAt):
-            Config = dataclasses.make_dataclass("NaNConfig", [("name", str, "test_nan")],
-                                                bases=(methods.get("edm").Config,))
-            PRESETS = {"tiny": {}}
-    return methods.get("test_nan")
+    """`method=test_nan`, registered for the test only."""
+    @methods.register("test_nan")
+    class TestNaN(_NaNAt):
+        Config = dataclasses.make_dataclass("NaNConfig", [("name", str, "test_nan")],
+                                            bases=(methods.get("edm").Config,))
+        PRESETS = {"tiny": {}}
+    yield TestNaN
+    methods.unregister("test_nan")
 
 
 def test_nonfinite_loss_is_skipped_and_counted(compose_run, nan_method, tmp_path):
@@ -142,6 +148,36 @@ def test_nonfinite_run_fails_after_n_in_a_row(compose_run, nan_method, tmp_path)
     # steps were skipped, never applied: any checkpoint written holds finite weights
     for ckpt in checkpoint.list_checkpoints(tmp_path / "run"):
         assert all(torch.isfinite(v).all() for v in _module_weights(ckpt).values())
+
+
+def test_a_finite_blow_up_fails_the_run(compose_run, nan_method, tmp_path):
+    """The divergence guard: a loss 1e9x its usual size from step 60 fails the run after
+    trainer.divergence_steps steps of it (and only then); with the guard off the same run completes."""
+    nan_method.bad, nan_method.blow_up_from = set(), 60
+    result = run(compose_run("method=test_nan", "trainer.steps=200", "trainer.divergence_steps=5",
+                             "trainer.log_every_steps=1"))
+    assert result["status"].startswith("failed: loss diverged: ") and " at step 65, above 1000x " in result["status"]
+    assert result["status"].endswith("for 5 steps in a row (trainer.divergence_factor / divergence_steps; 0 = off)")
+    assert max(r["step"] for r in RunDir(tmp_path / "run").read_metrics()) == 65      # it stops there
+    off = run(compose_run("method=test_nan", "trainer.steps=70", "trainer.divergence_factor=0", run_dir="off"))
+    assert off["status"] == "completed"
+
+
+def test_nothing_readable_restarts_from_zero_and_says_so(compose_run, tmp_path):
+    """Every checkpoint unreadable: the run starts again, records why in result.json, and metrics.jsonl
+    holds each step once (the first attempt's lines are dropped)."""
+    cfg = compose_run("method=edm", "trainer.steps=4", "trainer.checkpoint_every_steps=2",
+                      "trainer.log_every_steps=1", "eval.every_steps=2")
+    run(cfg)
+    for ckpt in checkpoint.list_checkpoints(tmp_path / "run"):
+        (ckpt / "harness.pt").write_bytes(b"garbage")
+    (tmp_path / "run" / "result.json").unlink()
+    result = run(cfg)
+    assert result["status"] == "completed"
+    assert result["restarted"] == ("none of its 2 checkpoints (step-0000004 newest) was readable: "
+                                   "started again from step 0")
+    steps = [r["step"] for r in RunDir(tmp_path / "run").read_metrics() if "loss" in r]
+    assert steps == [1, 2, 3, 4]
 
 
 def test_power_ema_exponent_and_updates():

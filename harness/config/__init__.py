@@ -46,6 +46,10 @@ class TrainerConfig:
     keep_checkpoints: int = 2          # newest checkpoints kept (older ones deleted)
     log_every_steps: int = 50
     max_nonfinite_steps: int = 20      # consecutive non-finite losses before the run fails
+    # Divergence guard: the run fails when |loss| stays above divergence_factor x the median |loss| of the
+    # last 200 steps for divergence_steps steps in a row (a loss that blows up to 2e8 yet stays finite).
+    divergence_factor: float = 1000.0  # 0 = off
+    divergence_steps: int = 20
     device: str = "auto"               # auto | cpu | cuda
     threads: int = 0                   # torch CPU threads, 0 = torch's default
     grid_every_steps: int = 0          # sample grid PNG during training, 0 = only at the end
@@ -326,8 +330,10 @@ def validate(cfg: DictConfig) -> None:
     if t.precision == "fp16" and not on_cuda:
         raise ConfigError("trainer.precision=fp16 needs a CUDA device (DeepSpeed has no fp16 on CPU); "
                           "valid here: fp32, bf16")
+    if t.divergence_factor != 0 and not t.divergence_factor > 1:
+        raise ConfigError(f"trainer.divergence_factor must be > 1 (or 0 = off), got {t.divergence_factor}")
     for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "lr_ref_steps",
-                "max_nonfinite_steps"):
+                "max_nonfinite_steps", "divergence_steps"):
         if t[key] < 1:
             raise ConfigError(f"trainer.{key} must be >= 1, got {t[key]}")
     if min(t.lr_warmup_steps, t.grid_every_steps, cfg.eval.every_steps) < 0:

@@ -39,8 +39,13 @@ def _with_run_dir(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def run(cfg: DictConfig) -> dict:
-    """Train (or resume) one run; returns its result.json content. Collective over all ranks."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def run(cfg: DictConfig, stop_signals: tuple[int, ...] = STOP_SIGNALS) -> dict:
+    """Train (or resume) one run; returns its result.json content. Collective over all ranks.
+    Each of `stop_signals` checkpoints and stops it (status `interrupted: <signal> ...`): SIGTERM and
+    SIGINT by default; a SLURM task adds its pre-timeout signal (launchers.slurm_job)."""
     from harness.train import engine as eng
 
     cfg = _with_run_dir(cfg)
@@ -58,14 +63,14 @@ def run(cfg: DictConfig) -> dict:
         error = eng.broadcast_object(error)
         if error:
             raise RunDirError(error)
-        return _train(cfg, run_dir, dist)
+        return _train(cfg, run_dir, dist, stop_signals)
 
 
 @contextlib.contextmanager
-def _stop_on_signals(box: dict):
-    """SIGTERM / SIGINT (what schedulers and Ctrl-C send): during the loop the trainer finishes its step,
-    checkpoints and stops; elsewhere (setup, final scores) the run stops at once, as Interrupted. A second
-    signal stops at once too. Only in the main thread, where Python delivers signals."""
+def _stop_on_signals(box: dict, signals: tuple[int, ...]):
+    """Each of `signals` (SIGTERM / SIGINT: what schedulers and Ctrl-C send): during the loop the trainer
+    finishes its step, checkpoints and stops; elsewhere (setup, final scores) the run stops at once, as
+    Interrupted. A second signal stops at once too. Only in the main thread, where Python delivers signals."""
     from harness.train.trainer import Interrupted
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -77,8 +82,8 @@ def _stop_on_signals(box: dict):
             trainer.request_stop(signum)
             return
         raise Interrupted(f"{signal.Signals(signum).name} (the newest checkpoint holds the work; run the same "
-                          f"command to resume)")
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+                          f"command to resume)", signum)
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
     try:
         yield
     finally:
@@ -86,8 +91,8 @@ def _stop_on_signals(box: dict):
             signal.signal(sig, old)
 
 
-def _train(cfg: DictConfig, run_dir: RunDir, dist) -> dict:
-    from harness.train.trainer import Interrupted, NonFiniteLoss
+def _train(cfg: DictConfig, run_dir: RunDir, dist, stop_signals: tuple[int, ...]) -> dict:
+    from harness.train.trainer import Interrupted, LossDiverged, NonFiniteLoss
     previous = run_dir.read_json("result.json")
     if previous and previous.get("status") == "completed":
         log.info("%s already completed", run_dir.path)
@@ -95,11 +100,11 @@ def _train(cfg: DictConfig, run_dir: RunDir, dist) -> dict:
     result: dict = {"status": "running", "run_dir": str(run_dir.path)}
     box: dict = {}
     try:
-        with _stop_on_signals(box):
+        with _stop_on_signals(box, stop_signals):
             result = _train_and_score(cfg, run_dir, dist, box, result)
     except Interrupted as exc:
-        result = {"status": f"interrupted: {exc}", "run_dir": str(run_dir.path)}
-    except NonFiniteLoss as exc:
+        result = {"status": f"interrupted: {exc}", "run_dir": str(run_dir.path), "signal": int(exc.signum)}
+    except (NonFiniteLoss, LossDiverged) as exc:
         result = {"status": f"failed: {exc}", "run_dir": str(run_dir.path)}
     except Exception as exc:
         result = {"status": f"failed: {describe_error(exc)}",
@@ -117,12 +122,14 @@ def _train_and_score(cfg: DictConfig, run_dir: RunDir, dist, box: dict, result: 
     """Resume or start, train, checkpoint, score: the completed run's result."""
     from harness.train.trainer import Trainer
     trainer = box["trainer"] = Trainer(cfg, run_dir, dist)
-    resumed = trainer.resume()
+    trainer.resume()
+    restarted = {"restarted": trainer.restarted} if trainer.restarted else {}
     if dist.rank == 0:
-        if resumed:
-            run_dir.truncate_metrics(trainer.counters.step)
+        # the log reads as one straight run: lines past the resumed step (all of them when starting
+        # again from step 0, the step-0 evaluation included) go
+        run_dir.truncate_metrics(trainer.counters.step if trainer.counters.step else -1)
         run_dir.write_json("derived.json", _derived(trainer))
-        run_dir.write_json("result.json", {**result, "resumed_from_step": trainer.counters.step})
+        run_dir.write_json("result.json", {**result, "resumed_from_step": trainer.counters.step, **restarted})
     box["in_loop"] = True
     trainer.train()
     box["in_loop"] = False
@@ -132,7 +139,7 @@ def _train_and_score(cfg: DictConfig, run_dir: RunDir, dist, box: dict, result: 
     return {"status": "completed", "run_dir": str(run_dir.path), "steps": c.step,
             "nimg": c.step * cfg.trainer.batch_size, "flops_train": c.flops_total,
             "train_sec": c.train_sec, "nonfinite_skipped": c.nonfinite_total,
-            "num_params": trainer.num_params, "scores": scores, "evals": c.evals}
+            "num_params": trainer.num_params, "scores": scores, "evals": c.evals, **restarted}
 
 
 def _derived(trainer) -> dict:
@@ -240,6 +247,8 @@ def _job(cfg: DictConfig) -> dict | None:
         _exit_codes.append(2)
         return None
     _exit_codes.append(_report(result))
+    if result.get("signal"):      # SIGTERM / SIGINT stop the whole command, not only this job of a grid
+        raise SystemExit(_exit_codes[-1])
     remote = hc.mode.name == "MULTIRUN" and "BasicLauncher" not in str(hc.launcher.get("_target_", ""))
     if remote and result["status"] != "completed":     # a cluster job: its failure reaches the launcher
         raise RuntimeError(f"{result['run_dir']}: {result['status']}")
@@ -254,6 +263,8 @@ def _report(result: dict) -> int:
     for s in result.get("scores", []):
         print(f"  {s['ema']:>16s} {s['steps']:>3d} step(s) (NFE {s['nfe']}): {s['metric']} "
               f"{s['value']:.3f} (floor {s['floor']:.3f})")
+    if result.get("signal"):
+        return 128 + int(result["signal"])          # the shell's convention for a process a signal stopped
     return 0 if status == "completed" and not result.get("status_unwritten") else 1
 
 

@@ -5,8 +5,10 @@ FLOP / throughput accounting and logging. It never mentions a method by name.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import signal
+import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -35,8 +37,20 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class LossDiverged(RuntimeError):
+    """The loss stayed far above its running median (trainer.divergence_factor / divergence_steps)."""
+
+
+DIVERGENCE_WINDOW = 200          # steps of |loss| whose median the divergence guard compares with
+DIVERGENCE_MIN_HISTORY = 50      # ... and how many it needs before it judges
+
+
 class Interrupted(RuntimeError):
     """SIGTERM or SIGINT stopped the run; its newest checkpoint holds the work done."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
 
 
 @dataclass
@@ -144,6 +158,10 @@ class Trainer:
         self.engine = eng.build_engine(net, t, self.precision, dist.world_size)
         self.counters = Counters()
         self.num_params = count_params(net)
+        self.restarted = ""
+        self._abs_losses: collections.deque[float] = collections.deque(maxlen=DIVERGENCE_WINDOW)
+        self._diverged_for = 0
+        self.diverged = ""
 
     def _load_teacher(self) -> torch.nn.Module:
         cfg = self.cfg
@@ -164,8 +182,15 @@ class Trainer:
             e.load_state_dict(state["emas"][e.name])
 
     def resume(self) -> bool:
+        """Load the newest readable checkpoint; False when starting from step 0. When checkpoints exist
+        but none is readable, `restarted` says so (the run then starts again, and records it)."""
+        found = checkpoint.list_checkpoints(self.run.path)
         state = checkpoint.load_latest(self.engine, self.run.path, self.dist.rank, self.apply_state)
         if state is None:
+            if found:
+                self.restarted = (f"none of its {len(found)} checkpoints ({found[0].name} newest) was readable: "
+                                  f"started again from step 0")
+                log.warning("%s: %s", self.run.path, self.restarted)
             return False
         log.info("resumed from step %d", self.counters.step)
         return True
@@ -251,6 +276,7 @@ class Trainer:
             step_secs.append(dt)
             c.step += 1
             if scalars is not None:
+                self._watch_divergence(scalars["loss"], c.step)
                 c.flops_total += c.flops_per_step
                 n_acc += 1
                 for k, v in scalars.items():
@@ -264,11 +290,32 @@ class Trainer:
                 self.grid(f"grid_step{c.step:07d}.png")
             if c.step % t.checkpoint_every_steps == 0 and c.step < t.steps:
                 self.save()
-            if not eng.all_true(not self.stop_signal) and c.step < t.steps:   # SIGTERM / SIGINT on any rank
-                if c.step % t.checkpoint_every_steps:
+            if not eng.all_true(not (self.stop_signal or self.diverged)) and c.step < t.steps:
+                if not eng.all_true(not self.diverged):          # any rank: fail, keeping the checkpoints
+                    raise LossDiverged(self.diverged or "the loss diverged on another rank")
+                if c.step % t.checkpoint_every_steps:          # SIGTERM / SIGINT on any rank
                     self.save()
-                raise Interrupted(f"{signal.Signals(self.stop_signal or signal.SIGTERM).name} at step {c.step} "
-                                  f"(checkpoint saved; run the same command to resume)")
+                signum = self.stop_signal or signal.SIGTERM                # another rank's signal: SIGTERM
+                raise Interrupted(f"{signal.Signals(signum).name} at step {c.step} (checkpoint saved; run the "
+                                  f"same command to resume)", signum)
+
+    def _watch_divergence(self, loss: float, step: int) -> None:
+        """Count steps whose |loss| exceeds divergence_factor x the running median; such losses stay out of
+        the median, so a blow-up cannot raise its own bar."""
+        t = self.cfg.trainer
+        if not t.divergence_factor:
+            return
+        if len(self._abs_losses) >= DIVERGENCE_MIN_HISTORY:
+            median = statistics.median(self._abs_losses)
+            if abs(loss) > t.divergence_factor * median:
+                self._diverged_for += 1
+                if self._diverged_for >= t.divergence_steps:
+                    self.diverged = (f"loss diverged: {loss:.3g} at step {step}, above {t.divergence_factor:g}x "
+                                     f"its running median {median:.3g} for {self._diverged_for} steps in a row "
+                                     f"(trainer.divergence_factor / divergence_steps; 0 = off)")
+                return
+        self._diverged_for = 0
+        self._abs_losses.append(abs(loss))
 
     def _log(self, acc: dict[str, float], n: int, step_secs: list[float]) -> None:
         means = eng.mean_over_ranks({k: v / n for k, v in acc.items()}) if n else {}
