@@ -1,5 +1,6 @@
 """SIGTERM (what SLURM and every scheduler send first) and SIGINT stop a run with a checkpoint of the step
-it reached and a status that says so; the same command then resumes from that step."""
+it reached and a status that says so; the same command then resumes from that step, to the weights of the
+same run never interrupted."""
 import json
 import os
 import signal
@@ -9,6 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+
+from harness.train.checkpoint import safe_load
 
 ROOT = Path(__file__).resolve().parent.parent
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -43,3 +47,23 @@ def test_signal_checkpoints_and_the_run_resumes_from_there(tmp_path, sig):
     assert json.loads((run_dir / "result.json").read_text())["status"] == "completed"
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"loss"' in line]
     assert steps == sorted(set(steps)) and steps[-1] == 1500
+    # ... to the weights of the same run never interrupted (no step lost or applied twice)
+    straight = tmp_path / "straight"
+    done = subprocess.run([*cmd[:-1], f"run_dir={straight}"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in ("harness.pt", "engine/mp_rank_00_model_states.pt"):
+        a, b = (_tensors(safe_load(d / "checkpoints" / "step-0001500" / name)) for d in (run_dir, straight))
+        assert a.keys() == b.keys() and len(a) > 10
+        assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+
+
+def _tensors(tree, prefix=""):
+    """Every tensor in a nested checkpoint dict, by its path."""
+    if torch.is_tensor(tree):
+        return {prefix: tree}
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _tensors(sub, f"{prefix}/{key}").items()}
+    if isinstance(tree, (list, tuple)):
+        return {k: v for i, sub in enumerate(tree) for k, v in _tensors(sub, f"{prefix}/{i}").items()}
+    return {}
