@@ -10,6 +10,7 @@ line always wins. Every bad input is a one-line `ConfigError` raised before any 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,14 @@ class EvalConfig:
 
 
 @dataclass
+class LogConfig:
+    """What a run shows while it trains (harness.train.watch); none of it changes what is trained."""
+    console: str = "auto"              # auto (a progress bar on a terminal, else lines) | lines | quiet
+    tensorboard: bool = True           # event files in <run>/tensorboard/
+    wandb: str = ""                    # "" (off) | offline | online: Weights & Biases, under <run>/wandb/
+
+
+@dataclass
 class LauncherConfig:
     name: str = "local"                # local (this machine); slurm arrives with the sweep issue
     nproc: int = 1                     # processes (ranks) per run
@@ -98,6 +107,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     seed: int = 0                      # data order, noise and init: reseeded every step from (seed, step, rank)
     run_dir: str = ""                  # "" = runs/<method>-<model>-<data>-<config hash>
     init_from: str = ""                # a finished run (e.g. an `edm` teacher) to start the weights from
@@ -323,6 +333,11 @@ def validate(cfg: DictConfig) -> None:
     if any(not 0.0 < b < 1.0 for b in t.ema_betas) or any(s <= 0 for s in t.ema_stds):
         raise ConfigError("trainer.ema_betas must lie in (0, 1) and trainer.ema_stds must be > 0")
     _one_of("trainer.device", t.device, ("auto", "cpu", "cuda"))
+    _one_of("log.console", cfg.log.console, ("auto", "lines", "quiet"))
+    _one_of("log.wandb", cfg.log.wandb, ("", "offline", "online"))
+    if cfg.log.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"log.wandb={cfg.log.wandb} needs the wandb package (pip install wandb); "
+                          f"valid without it: log.wandb=''")
     cuda = torch.cuda.is_available()
     if t.device == "cuda" and not cuda:
         raise ConfigError("trainer.device=cuda but CUDA is not available here; valid: auto, cpu")
@@ -379,9 +394,10 @@ def _one_of(key: str, value: str, valid) -> None:
 
 
 def config_hash(cfg: DictConfig) -> str:
-    """Stable id of everything that defines a run (the run directory and launcher excluded)."""
+    """Stable id of everything that defines a run (the run directory, launcher and log options excluded)."""
     data = OmegaConf.to_container(cfg, resolve=True)
     data.pop("run_dir", None)
+    data.pop("log", None)
     data["launcher"] = {"nproc": data["launcher"]["nproc"]}   # results depend on the world size only
     blob = json.dumps(data, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:10]

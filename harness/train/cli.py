@@ -122,6 +122,13 @@ def _train_and_score(cfg: DictConfig, run_dir: RunDir, dist, box: dict, result: 
     """Resume or start, train, checkpoint, score: the completed run's result."""
     from harness.train.trainer import Trainer
     trainer = box["trainer"] = Trainer(cfg, run_dir, dist)
+    try:
+        return _resume_train_score(cfg, run_dir, dist, box, result, trainer)
+    finally:
+        trainer.close()
+
+
+def _resume_train_score(cfg: DictConfig, run_dir: RunDir, dist, box: dict, result: dict, trainer) -> dict:
     trainer.resume()
     restarted = {"restarted": trainer.restarted} if trainer.restarted else {}
     if dist.rank == 0:

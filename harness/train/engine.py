@@ -6,6 +6,8 @@ SLURM (srun / submitit), or as a single process, which gets a private loopback r
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import socket
@@ -38,11 +40,23 @@ def export_slurm_env() -> None:
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
 
 
+def quiet_libraries() -> None:
+    """Library messages that are noise on a machine as it is, turned down at their loggers (real warnings
+    from them still show): torch's cpp_extension says at import that a CPU-only machine has no CUDA
+    runtime; DeepSpeed says at import that it falls back to the CPU, which DS_ACCELERATOR=cpu states up
+    front, and logs its engine setup at INFO."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
 def setup_distributed(device: str = "auto") -> DistInfo:
     """Initialize torch.distributed (gloo on CPU, nccl on CUDA) from torchrun's or SLURM's environment."""
     env = os.environ
     if device == "cpu":   # DeepSpeed picks its accelerator at import: keep it off a present GPU
         env["DS_ACCELERATOR"] = "cpu"
+    quiet_libraries()
     import deepspeed
     import torch.distributed as dist
 
@@ -56,8 +70,12 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo",
-                                   auto_mpi_discovery=False, verbose=False)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):   # "DeepSpeed ... shm_comm_op built successfully" (a print)
+            deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo",
+                                       auto_mpi_discovery=False, verbose=False)
+        if printed.getvalue().strip():
+            log.debug("deepspeed.init_distributed: %s", printed.getvalue().strip())
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
 

@@ -28,6 +28,7 @@ from harness.eval.score import generate, score
 from harness.nets import build_net, count_params, uses_forced_weight_norm
 from harness.train.rundir import RunDir, read_status
 from harness.train.seeding import EpochSampler, seed_step
+from harness.train.watch import Console, build_loggers, numeric, score_tag
 from methods.base import StepContext
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,14 @@ class Counters:
     flops_per_step: float = 0.0
     train_sec: float = 0.0        # wall time spent in training steps
     evals: list = field(default_factory=list)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory so far: the CUDA allocator's on a GPU, the process's peak resident set on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20      # Linux: kilobytes
 
 
 def method_config(cfg: DictConfig):
@@ -159,6 +168,9 @@ class Trainer:
         self.counters = Counters()
         self.num_params = count_params(net)
         self.restarted = ""
+        self.console = Console(cfg.log.console, t.steps, 0) if dist.rank == 0 else None
+        self.loggers = build_loggers(cfg.log, run.path, OmegaConf.to_container(cfg, resolve=True),
+                                     OmegaConf.to_yaml(cfg, resolve=True)) if dist.rank == 0 and run else []
         self._abs_losses: collections.deque[float] = collections.deque(maxlen=DIVERGENCE_WINDOW)
         self._diverged_for = 0
         self.diverged = ""
@@ -193,7 +205,18 @@ class Trainer:
                 log.warning("%s: %s", self.run.path, self.restarted)
             return False
         log.info("resumed from step %d", self.counters.step)
+        if self.console is not None:
+            self.console.start = self.counters.step
+            self.console.step(self.counters.step)
         return True
+
+    def close(self) -> None:
+        """Stop the console's bar and flush the trackers (also after a failure)."""
+        if self.console is not None:
+            self.console.close()
+        for logger in self.loggers:
+            logger.close()
+        self.loggers = []
 
     def save(self) -> None:
         newest = checkpoint.list_checkpoints(self.run.path)
@@ -275,6 +298,8 @@ class Trainer:
             c.train_sec += dt
             step_secs.append(dt)
             c.step += 1
+            if self.console is not None:
+                self.console.step(c.step)
             if scalars is not None:
                 self._watch_divergence(scalars["loss"], c.step)
                 c.flops_total += c.flops_per_step
@@ -323,10 +348,15 @@ class Trainer:
             return
         c, t = self.counters, self.cfg.trainer
         sec = sum(step_secs) / max(len(step_secs), 1)
-        self.run.log({"step": c.step, "nimg": c.step * t.batch_size, **means,
-                      "time/step_sec": sec, "time/images_per_sec": t.batch_size / sec if sec else 0.0,
-                      "time/train_sec": c.train_sec, "flops/train_total": c.flops_total,
-                      "lr": self.engine.get_lr()[0], "nonfinite/skipped_total": c.nonfinite_total})
+        record = {"step": c.step, "nimg": c.step * t.batch_size, **means,
+                  "time/step_sec": sec, "time/images_per_sec": t.batch_size / sec if sec else 0.0,
+                  "time/train_sec": c.train_sec, "flops/train_total": c.flops_total,
+                  "lr": self.engine.get_lr()[0], "nonfinite/skipped_total": c.nonfinite_total,
+                  "mem/peak_gb": peak_memory_gb(self.device)}
+        self.run.log(record)
+        for logger in self.loggers:
+            logger.scalars(c.step, numeric(record))
+        self.console.logged(c.step, record, next((k for k in means if k != "loss"), None))
 
     # -- sampling and scores -------------------------------------------------------------------
     def ema_nets(self) -> dict[str, torch.nn.Module]:
@@ -337,6 +367,8 @@ class Trainer:
         x = generate(self.method, net, 100, steps, self.data.shape, self.data.num_classes,
                      self.cfg.eval.seed, 100, self.device)
         save_grid(x.clamp(-1, 1), self.run.path / name)
+        for logger in self.loggers:
+            logger.image(f"grid/{name_ema}", self.run.path / name, self.counters.step)
 
     def evaluate(self, final: bool) -> list[dict]:
         records, error = [], None
@@ -349,6 +381,11 @@ class Trainer:
                 error = f"evaluation failed: {type(exc).__name__}: {exc}"
             for r in records:
                 self.run.log({"step": self.counters.step, **{f"eval/{k}": v for k, v in r.items()}})
+            for logger in self.loggers:
+                logger.scalars(self.counters.step, {score_tag(r): r["value"] for r in records})
+                for png in sorted(self.run.path.glob("samples_*.png")) if final else []:
+                    logger.image(f"samples/{png.stem}", png, self.counters.step)
+            self.console.scored(records)
             if not final:
                 self.counters.evals.extend(records)
         error = eng.broadcast_object(error)
