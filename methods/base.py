@@ -40,6 +40,9 @@ class StepContext:
         return torch.rand(shape, generator=self.generator, device=self.generator.device, dtype=torch.float32)
 
 
+NO_JVP_BACKENDS = ("sdpa", "xformers")   # fused attention kernels without forward-mode AD
+
+
 class Method:
     """Base class. Subclasses set `Config` (a dataclass with a `preset` field) and `PRESETS`."""
 
@@ -51,6 +54,9 @@ class Method:
     needs_teacher: ClassVar[bool] = False
     # Methods whose finished runs can serve as this method's teacher (empty: any); checked before any work.
     teacher_methods: ClassVar[tuple[str, ...]] = ()
+    # The loss takes a forward-mode derivative (torch.func.jvp) of the network: its attention needs a
+    # backend with one (sdpa's and xformers' fused kernels have none; jvp_flash and math do).
+    uses_jvp: ClassVar[bool] = False
 
     def __init__(self, cfg, data_shape: tuple[int, ...], num_classes: int):
         self.check_config(cfg)
@@ -91,6 +97,18 @@ class Method:
     def check_config(cls, cfg) -> None:
         """Raise ValueError (one line) for a bad value; called before any work starts (by the config
         check, and again by __init__ for a method built directly)."""
+
+    @classmethod
+    def network_requirements(cls, cfg, model) -> dict[str, tuple[Any, str]]:
+        """model key -> (the value this method config needs, why): applied to the network config by the
+        harness before the checks (and logged), so a user never has to learn them. By default, a method
+        that `uses_jvp` moves a network with attention off a backend without forward-mode AD."""
+        has_attention = model.get("arch") == "dit" or bool(model.get("attn_resolutions")) \
+            or bool(model.get("mid_attention"))
+        if cls.uses_jvp and has_attention and model.get("attention") in NO_JVP_BACKENDS:
+            return {"attention": ("jvp_flash", f"{cls.name}'s loss differentiates the network forward "
+                                               f"(torch.func.jvp), which {model.get('attention')} cannot")}
+        return {}
 
     @classmethod
     def check_model(cls, cfg, model) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -106,6 +107,14 @@ class GCM(Method):
                              "or method.sampler=restart")
         if any(not cfg.t0 < m < cfg.tT for m in cfg.mid_t) or list(cfg.mid_t) != sorted(cfg.mid_t, reverse=True):
             raise ValueError(f"method.mid_t must descend inside (t0, tT) = ({cfg.t0}, {cfg.tT}), got {list(cfg.mid_t)}")
+
+    @classmethod
+    def network_requirements(cls, cfg: GCMConfig, model) -> dict[str, tuple[Any, str]]:
+        needs = super().network_requirements(cfg, model)
+        needs["extra_cond_dim"] = ((1, "method.variant=vu feeds the upper limit c(s) to the network as a "
+                                       "second time input") if cfg.variant == "vu" else
+                                   (0, "method.variant=cu has one time input"))
+        return needs
 
     @classmethod
     def check_model(cls, cfg: GCMConfig, model) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -54,6 +55,7 @@ class SCDConfig(SCMConfig):
 
 
 class SCM(Method):
+    uses_jvp = True                 # the tangent dF/dt by torch.func.jvp [sCM eq. 8]
     PRESETS = {
         "cifar10": {},
         "imagenet64": {"p_std": 1.6},                # sCM Table 3
@@ -71,6 +73,13 @@ class SCM(Method):
             raise ValueError(f"{cfg.name} needs method.warmup_steps >= 0, 0 <= method.warmup_fraction <= 1, "
                              f"method.norm_c > 0, method.p_std > 0 (got {cfg.warmup_steps}, {cfg.warmup_fraction}, "
                              f"{cfg.norm_c}, {cfg.p_std})")
+
+    @classmethod
+    def network_requirements(cls, cfg: SCMConfig, model) -> dict[str, tuple[Any, str]]:
+        needs = super().network_requirements(cfg, model)
+        if cfg.adaptive_weight:
+            needs["logvar"] = (True, "method.adaptive_weight=true learns w(t) as the network's log-variance head")
+        return needs
 
     @classmethod
     def check_model(cls, cfg: SCMConfig, model) -> None:
@@ -184,6 +193,14 @@ class SCD(SCM):
         if not 1.0 <= cfg.guidance_scale <= max(cfg.guidance_max, 1.0):
             raise ValueError(f"scd needs 1 <= method.guidance_scale <= max(method.guidance_max, 1) "
                              f"(got {cfg.guidance_scale}, {cfg.guidance_max})")
+
+    @classmethod
+    def network_requirements(cls, cfg: SCDConfig, model) -> dict[str, tuple[Any, str]]:
+        needs = super().network_requirements(cfg, model)
+        if cfg.guidance_max > 1:
+            needs["extra_cond_dim"] = (1, f"method.guidance_max={cfg.guidance_max} feeds the guidance scale "
+                                          f"to the student as a second input")
+        return needs
 
     @classmethod
     def check_model(cls, cfg: SCDConfig, model) -> None:

@@ -166,8 +166,9 @@ def test_cli(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "does not exist" in err
     (tmp_path / "empty").mkdir()
-    assert main([str(tmp_path / "empty")]) == 0
-    assert "no run directories" in capsys.readouterr().out
+    assert main([str(tmp_path / "empty")]) == 2                      # no runs: an error, not a silent success
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no run directories under" in err
     assert not (tmp_path / "empty" / "collected").exists()
     _law_runs(tmp_path / "runs", budgets=(100, 200))
     write_run(tmp_path / "runs" / "failed", status="failed: ValueError: bad")
@@ -369,3 +370,29 @@ def test_hostile_inputs_neither_stop_nor_hide_anything(tmp_path, monkeypatch):
     _, problems = load_runs(root)
     assert {p["run"]: p["problem"] for p in problems}["locked"] == \
         "unreadable directory: PermissionError: Permission denied"
+
+
+def test_a_rescore_by_another_protocol_changes_nothing_the_run_protocol_reports(tmp_path, capsys):
+    """Issue 17: harness.evaluate with --num-samples 50 writes evaluate-<id>.json beside the run; the
+    collector's default (each run's own protocol) reports exactly what it reported before, that protocol
+    alone is reported when asked for, and `all` reports both and says that it mixes them."""
+    import json
+    for budget in (100, 200, 400):
+        write_run(tmp_path / "runs" / f"ect-{budget}", steps=budget,
+                  scores=[score(40.0 * budget ** -0.3, 1, step=budget), score(30.0 * budget ** -0.3, 2, step=budget)])
+    before = collect(tmp_path / "runs", out=tmp_path / "before")
+    for budget in (100, 200, 400):
+        rescore = [dict(score(99.0, nfe, step=budget), num_samples=50, protocol="num_samples50-0a1b2c")
+                   for nfe in (1, 2)]
+        (tmp_path / "runs" / f"ect-{budget}" / "evaluate-num_samples50-0a1b2c.json").write_text(
+            json.dumps({"scores": rescore, "protocol": {"id": "num_samples50-0a1b2c",
+                                                        "changes": {"eval.num_samples": 50}}}))
+    after = collect(tmp_path / "runs", out=tmp_path / "after")
+    for name in ("fits.csv", "runs.csv", "problems.csv"):
+        assert after[name].read_bytes() == before[name].read_bytes()
+    df, problems = load_runs(tmp_path / "runs", protocol="num_samples50-0a1b2c")
+    assert problems == [] and set(df["value"]) == {99.0} and set(df["protocol"]) == {"num_samples50-0a1b2c"}
+    df, _ = load_runs(tmp_path / "runs", protocol="all")
+    assert sorted(df.groupby("protocol").size().items()) == [("num_samples50-0a1b2c", 6), ("run", 6)]
+    assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "all"), "--protocol", "all", "--no-plots"]) == 0
+    assert "note: the scores mix 2 protocols (num_samples50-0a1b2c, run)" in capsys.readouterr().out

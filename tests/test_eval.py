@@ -329,25 +329,38 @@ def _snapshot(run_dir):
     return {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
 
 
-def test_evaluate_cli_writes_evaluate_json_only(tiny_run, capsys):
+def test_evaluate_cli_writes_beside_the_run_and_keeps_each_protocol(tiny_run, capsys):
+    """A re-score by another protocol (here 60 samples) goes to evaluate-<protocol>.json, a second one
+    (another metric) to its own file, the first kept; the run's own protocol goes to evaluate.json.
+    Nothing else in the run directory changes."""
     from harness.eval.evaluate import main
     run_dir, result = tiny_run
     before = _snapshot(run_dir)
     assert main([str(run_dir), "--num-samples", "60", "--steps", "1", "2", "0"]) == 0
-    out = json.loads((run_dir / "evaluate.json").read_text())
-    after = _snapshot(run_dir)
-    del after[run_dir / "evaluate.json"]
-    assert after == before                                     # nothing else in the run directory changed
+    [first] = run_dir.glob("evaluate-num_samples60-*.json")
+    out = json.loads(first.read_text())
+    assert out["protocol"]["changes"] == {"eval.num_samples": 60} and out["file"] == first.name
     scores = out["scores"]
     assert [(s["steps"], s["nfe"]) for s in scores] == [(1, 1), (2, 3), (18, 35)]   # EDM Heun: 2N - 1 NFE
     for s in scores:
         assert s["metric"] == "digits_fd" and s["num_samples"] == 60 and s["step"] == 3
         assert s["checkpoint"] == "step-0000003" and s["ema"] == result["scores"][0]["ema"]
         assert math.isfinite(s["value"]) and s["floor"] > 0 and s["sample_sec"] > 0
+        assert s["protocol"] == out["protocol"]["id"]
     assert scores[0]["floor"] == pytest.approx(scores[1]["floor"])
     assert main([str(run_dir), "--num-samples", "60", "--steps", "1", "--metric", "pixel_fd"]) == 0
-    again = json.loads((run_dir / "evaluate.json").read_text())["scores"]
-    assert [s["metric"] for s in again] == ["pixel_fd"]
+    [second] = set(run_dir.glob("evaluate-*.json")) - {first}
+    assert [s["metric"] for s in json.loads(second.read_text())["scores"]] == ["pixel_fd"]
+    assert json.loads(first.read_text()) == out                     # kept as it was
+    assert main([str(run_dir), "--steps", "1"]) == 0                # the run's own protocol
+    own = json.loads((run_dir / "evaluate.json").read_text())
+    assert own["protocol"] == {"id": "run", "changes": {}} and own["scores"][0]["num_samples"] == 100
+    after = _snapshot(run_dir)
+    for path in (first, second, run_dir / "evaluate.json"):
+        del after[path]
+    assert after == before
+    assert main([str(run_dir), "--num-samples", "60", "eval.num_samples=70"]) == 2
+    assert "--num-samples 60 and eval.num_samples=70 disagree" in capsys.readouterr().err
 
 
 def test_evaluate_cli_refuses_missing_inception_before_sampling(tiny_run, capsys, tmp_path):
@@ -393,12 +406,16 @@ def tiny_ect_run(tmp_path_factory, cache_dir, classifier):
 def test_evaluate_cli_rescores_with_a_sampler_setting_and_with_the_search(tiny_ect_run, capsys):
     from harness.eval.evaluate import main
     run_dir = tiny_ect_run
+    def newest_rescore():
+        return json.loads(max(run_dir.glob("evaluate-*.json"), key=lambda p: p.stat().st_mtime_ns).read_text())
     assert main([str(run_dir), "--num-samples", "60", "--steps", "2", "method.mid_t=[1.5]"]) == 0
-    (fixed,) = json.loads((run_dir / "evaluate.json").read_text())["scores"]
+    rescore = newest_rescore()
+    (fixed,) = rescore["scores"]
     assert fixed["mid_t"] == [1.5] and "selection_value" not in fixed
+    assert rescore["protocol"]["changes"] == {"eval.num_samples": 60, "method.mid_t": [1.5]}
     assert main([str(run_dir), "--num-samples", "60", "--steps", "1", "2", "eval.selection=true",
                  "eval.mid_sigma_grid=[0.4,1.5]"]) == 0
-    one, two = json.loads((run_dir / "evaluate.json").read_text())["scores"]
+    one, two = newest_rescore()["scores"]
     assert two["mid_sigma"] in (0.4, 1.5) and two["mid_t"] == [two["mid_sigma"]]      # ECT: t = sigma
     assert two["selection_value"] == min(two["mid_sigma_tried"]) and len(two["mid_sigma_tried"]) == 2
     assert math.isfinite(one["selection_value"]) and "mid_t" not in one

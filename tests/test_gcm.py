@@ -321,11 +321,15 @@ def test_config_errors_are_one_line(field, value, match):
 
 def test_model_requirements_and_compose():
     assert "gcm" in methods.names() and methods.get("gcm") is GCM
-    with pytest.raises(ConfigError, match="set model.extra_cond_dim=1") as err:
-        compose(["method=gcm", "method.variant=vu", "model=unet-xs"])
+    # the variant sets the network's second time input (harness.config.apply_network_requirements) ...
+    assert compose(["method=gcm", "method.variant=vu", "model=unet-xs"]).model.extra_cond_dim == 1
+    assert compose(["method=gcm", "model=unet-xs", "model.extra_cond_dim=1"]).model.extra_cond_dim == 0
+    # ... and refuses a network config that lacks it when built directly
+    with pytest.raises(ValueError, match="set model.extra_cond_dim=1") as err:
+        GCM.check_model(GCMConfig(variant="vu"), {"extra_cond_dim": 0})
     assert "\n" not in str(err.value)
-    with pytest.raises(ConfigError, match="set model.extra_cond_dim=0"):
-        compose(["method=gcm", "model=unet-xs", "model.extra_cond_dim=1"])
+    with pytest.raises(ValueError, match="set model.extra_cond_dim=0"):
+        GCM.check_model(GCMConfig(), {"extra_cond_dim": 1})
     cfg = compose(["method=gcm", "method.variant=vu", "model=unet-xs", "model.extra_cond_dim=1"])
     assert cfg.method.preset == "tiny" and cfg.method.loss == "mmd"
     assert compose(["method=gcm", "preset=cifar10", "model=unet-xs"]).method.eps == 0.005

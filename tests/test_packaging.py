@@ -73,8 +73,8 @@ def test_every_third_party_import_is_a_declared_dependency():
     missing = {name: sorted(files) for name, files in imports.items()
                if _canon(DIST_OF_IMPORT.get(name, name)) not in required | extras}
     assert not missing, f"imported but not declared in pyproject.toml [project] dependencies: {missing}"
-    # the extras (gpu: xformers, triton) are only what the GPU attention backends import
-    assert {_canon(DIST_OF_IMPORT.get(n, n)) for n in imports} - required <= {"xformers", "triton"}
+    # the extras are only what the GPU attention backends (gpu: xformers, triton) and the W&B logger import
+    assert {_canon(DIST_OF_IMPORT.get(n, n)) for n in imports} - required <= {"xformers", "triton", "wandb"}
 
 
 def test_console_scripts_are_declared():

@@ -71,8 +71,12 @@ def test_tangent_normalizations():
 
 
 def test_config_errors():
-    with pytest.raises(ConfigError, match="needs the network's log-variance head: set model.logvar=true"):
-        compose(["method=sct"])
+    # the method sets the head it needs (harness.config.apply_network_requirements); built directly on a
+    # network config without one, it refuses
+    assert compose(["method=sct"]).model.logvar is True
+    assert compose(["method=sct", "method.adaptive_weight=false"]).model.logvar is False
+    with pytest.raises(ValueError, match="needs the network's log-variance head: set model.logvar=true"):
+        SCT.check_model(SCMConfig(), {"logvar": False})
     with pytest.raises(ConfigError, match="method scd distills a teacher"):
         compose(["method=scd", "model.logvar=true"])
     with pytest.raises(ConfigError, match="unknown method.tangent_norm 'l3'"):

@@ -86,8 +86,10 @@ def test_drop_labels_replaces_rows_with_the_null_label_at_rate_p():
 
 def test_guidance_config_errors():
     base = ["method=scd", "model.logvar=true", "teacher=runs/none", "method.guidance_max=2"]
-    with pytest.raises(ConfigError, match="set model.extra_cond_dim=1"):
-        compose([*base, "data.class_conditional=true"])
+    # the method sets the second input it needs; built directly on a network config without one, it refuses
+    assert compose([*base, "data.class_conditional=true"]).model.extra_cond_dim == 1
+    with pytest.raises(ValueError, match="set model.extra_cond_dim=1"):
+        SCD.check_model(SCDConfig(guidance_max=2), {"logvar": True, "extra_cond_dim": 0})
     with pytest.raises(ConfigError, match="needs class-conditional data"):
         compose([*base, "model.extra_cond_dim=1"])
     with pytest.raises(ConfigError, match="guidance_scale <= max"):

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness import version
 from harness.analysis import claims, report
 from harness.analysis.fit import compute_to_target, fit_groups, matched_compute
 from harness.analysis.runs import load_runs
@@ -52,6 +53,9 @@ class CollectConfig:
     ema: str = "best"                # per run: best (lowest selection score, else score, over EMAs) | a name
     level: float = 0.95              # confidence level of the t-interval on alpha
     plots: bool = True               # write plots/
+    # which scores: run (each run's own protocol: result.json, re-scored in place by evaluate.json), a
+    # re-score's protocol id (evaluate-<id>.json) or all (every one; the report says that it mixes them)
+    protocol: str = "run"
 
     def check(self) -> None:
         if self.compute not in ("flops", "nimg"):
@@ -208,10 +212,11 @@ def _collect(root, out, cfg: CollectConfig) -> tuple[dict[str, Path], list[str]]
     if not root.is_dir():
         raise CollectError(f"results directory {root} does not exist (or is not a directory)")
     out = Path(out) if out is not None else root / "collected"
-    df, problems = load_runs(root, skip=(out,))
+    df, problems = load_runs(root, skip=(out,), protocol=cfg.protocol)
     n_dirs = df["run"].nunique() + len({p["run"] for p in problems} - set(df["run"]))
     if n_dirs == 0:
-        return {}, [f"no run directories under {root}; nothing written"]
+        raise CollectError(f"no run directories under {root} (a run directory holds config.yaml or "
+                           f"result.json); nothing written")
     if cfg.metric is not None and cfg.metric not in set(df["metric"]):
         raise CollectError(f"metric {cfg.metric!r} is not in the runs under {root}; found: "
                            f"{', '.join(sorted(map(str, set(df['metric'])))) or 'none'}")
@@ -228,6 +233,10 @@ def _collect(root, out, cfg: CollectConfig) -> tuple[dict[str, Path], list[str]]
     lines = [f"{n_dirs} run directories under {root}: {completed} completed with scores "
              f"({len(df)} score rows), {len(problems)} problems"
              + (f" (see {out / 'problems.md'})" if problems else "")]
+    mixed = sorted(set(df["protocol"].dropna()))
+    if len(mixed) > 1:
+        lines.append(f"note: the scores mix {len(mixed)} protocols ({', '.join(mixed)}); fits pool them "
+                     f"(--protocol run or --protocol ID keeps one)")
     pts = fit_points(df, cfg)
     if pts.empty:
         lines.append("no final scores to fit")
@@ -252,9 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compute", default="flops", choices=["flops", "nimg"], help="compute axis")
     ap.add_argument("--ema", default="best", help="EMA whose score is fitted (default: best per run)")
     ap.add_argument("--no-plots", action="store_true", help="skip plots")
+    ap.add_argument("--protocol", default="run",
+                    help="scores used: run (each run's own, default), a re-score's id (evaluate-ID.json), or all")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     args = ap.parse_args(argv)
     cfg = CollectConfig(metric=args.metric, target=args.target, compute=args.compute, ema=args.ema,
-                        plots=not args.no_plots)
+                        plots=not args.no_plots, protocol=args.protocol)
     try:
         _, lines = _collect(args.results_dir, args.out, cfg)
     except CollectError as exc:

@@ -25,7 +25,7 @@ RUN_MARKERS = ("config.yaml", "result.json", "evaluate.json", "derived.json", "m
 # Columns first in this order; then any other score-record fields (sorted), then cfg.* (sorted).
 BASE_COLUMNS = ["run_dir", "run", "status", "method", "model", "data", "num_params", "nimg", "flops",
                 "train_sec", "train_steps", "precision", "world_size", "source", "ema", "steps", "nfe",
-                "metric", "value", "floor", "step", "num_samples", "seed", "reference", "sample_sec"]
+                "metric", "value", "floor", "step", "num_samples", "seed", "reference", "sample_sec", "protocol"]
 _RUN_LEVEL = set(BASE_COLUMNS[:13]) | {"source"}
 MAX_FILE_BYTES = 64 << 20   # a run's config or result is kilobytes; evaluate.json with grids stays far below
 
@@ -200,8 +200,8 @@ def _number(value: Any) -> float | None:
     return None
 
 
-def _score_rows(records: Any, source: str, problems: list[str]) -> dict[tuple, dict]:
-    """Valid score records keyed by (ema, steps, metric); bad ones become problems."""
+def _score_rows(records: Any, source: str, problems: list[str], protocol: str = "run") -> dict[tuple, dict]:
+    """Valid score records keyed by (protocol, ema, steps, metric); bad ones become problems."""
     out: dict[tuple, dict] = {}
     if not isinstance(records, list):
         problems.append(f"{source}: 'scores' is not a list")
@@ -219,13 +219,15 @@ def _score_rows(records: Any, source: str, problems: list[str]) -> dict[tuple, d
             problems.append(f"{source}: score {i} ({rec.get('metric')}, {rec.get('steps')} steps) is {value}")
         row = {("score." + k if k in _RUN_LEVEL else k):
                (json.dumps(v, sort_keys=True) if isinstance(v, (list, dict)) else v) for k, v in rec.items()}
-        row["value"], row["source"] = value, source
-        out[(str(rec.get("ema")), str(rec.get("steps")), str(rec.get("metric")))] = row
+        row["value"], row["source"], row["protocol"] = value, source, protocol
+        out[(protocol, str(rec.get("ema")), str(rec.get("steps")), str(rec.get("metric")))] = row
     return out
 
 
-def read_run(path: Path, run: str) -> tuple[list[dict], list[str]]:
-    """Rows (one per score record) of one run directory, and its problems."""
+def read_run(path: Path, run: str, protocol: str = "run") -> tuple[list[dict], list[str]]:
+    """Rows (one per score record) of one run directory, and its problems. `protocol`: "run" (the run's
+    own: result.json, with evaluate.json's re-scores in their place), a re-score's protocol id (its
+    evaluate-<id>.json alone) or "all" (every file, each row naming its protocol)."""
     problems: list[str] = []
     cfg, bad_cfg = _read_config(path)
     result, bad_result = _read_mapping(path / "result.json", "json")
@@ -245,14 +247,25 @@ def read_run(path: Path, run: str) -> tuple[list[dict], list[str]]:
     if bad:
         problems.append(bad)
     derived = derived or {}
-    scores = _score_rows(result.get("scores", []), "result.json", problems)
-    evaluated, bad = _read_mapping(path / "evaluate.json", "json")
-    if bad:
-        problems.append(bad)
-    elif evaluated is not None:
-        scores.update(_score_rows(evaluated.get("scores", []), "evaluate.json", problems))   # evaluate wins
+    scores: dict[tuple, dict] = {}
+    if protocol in ("run", "all"):
+        scores = _score_rows(result.get("scores", []), "result.json", problems)
+        evaluated, bad = _read_mapping(path / "evaluate.json", "json")
+        if bad:
+            problems.append(bad)
+        elif evaluated is not None:   # a re-score by the run's own protocol wins
+            scores.update(_score_rows(evaluated.get("scores", []), "evaluate.json", problems))
+    for other in sorted(path.glob("evaluate-*.json")) if protocol != "run" else []:
+        pid = other.name[len("evaluate-"):-len(".json")]
+        if protocol in ("all", pid):
+            evaluated, bad = _read_mapping(other, "json")
+            if bad:
+                problems.append(bad)
+            elif evaluated is not None:
+                scores.update(_score_rows(evaluated.get("scores", []), other.name, problems, pid))
     if not scores:
-        problems.append("completed but no score records")
+        problems.append("completed but no score records" if protocol == "run" else
+                        f"completed but no score records under protocol {protocol}")
     if not _num(result.get("flops_train")) > 0:
         problems.append("completed but flops_train is missing or zero: not on a FLOPs compute axis")
     base = {"run_dir": str(path), "run": run, "status": "completed",
@@ -276,9 +289,10 @@ def _num(value: Any) -> float:
     return math.nan if number is None else number
 
 
-def load_runs(root: str | Path, skip: tuple[Path, ...] = ()) -> tuple[pd.DataFrame, list[dict]]:
+def load_runs(root: str | Path, skip: tuple[Path, ...] = (), protocol: str = "run") -> tuple[pd.DataFrame, list[dict]]:
     """Every run directory under root -> (long DataFrame, one row per score record of every completed
-    run; problems: [{"run_dir", "problem"}] for unfinished, failed or corrupt runs)."""
+    run, under `protocol` (see read_run); problems: [{"run_dir", "problem"}] for unfinished, failed or
+    corrupt runs)."""
     root = Path(root)
     rows: list[dict] = []
     paths, problems = find_run_dirs(root, skip)
@@ -287,7 +301,7 @@ def load_runs(root: str | Path, skip: tuple[Path, ...] = ()) -> tuple[pd.DataFra
     for path in paths:
         run = _relative(path, root)
         try:
-            run_rows, run_problems = read_run(path, run)
+            run_rows, run_problems = read_run(path, run, protocol)
         except Exception as exc:   # the reader must survive anything a file can hold
             run_rows, run_problems = [], [f"unreadable run: {type(exc).__name__}: {_first_line(exc)}"]
         rows.extend(run_rows)

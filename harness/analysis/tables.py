@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness import version
 from harness.analysis.reference import PAPERS, ReferenceError, Table, cell_values, load_tables
 
 PAPER_NAMES = {"ect": "ECT", "stable_ct": "SCT", "scm": "sCM", "gcm": "GCM", "cm": "CM slides"}  # as the papers write them
@@ -287,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default=None, help="results directory of run directories (harness.analysis.collect)")
     parser.add_argument("--latex", action="store_true", help="write LaTeX instead of Markdown")
     parser.add_argument("--out", default=None, help="write to this file instead of stdout")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     args = parser.parse_args(argv)
     if args.paper not in (*PAPERS, "all"):
         print(f"harness.analysis.tables: unknown --paper '{args.paper}'; valid: {', '.join(PAPERS)}, all", file=sys.stderr)

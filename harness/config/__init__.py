@@ -12,11 +12,16 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
+
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -122,6 +127,7 @@ class Config:
 GROUPS = ("method", "model", "data", "preset", "recipe")
 PRESET_NODES = "method_preset"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+MAX_EVAL_STEPS = 1000   # sampler steps: consistency samplers take 1-4, EDM's Heun teachers 18-79 [EDM Tab. 2]
 OPTIMIZERS = ("adam", "adamw", "radam")
 LR_SCHEDULES = ("constant", "inverse_sqrt")
 CONFIG_MODULE = "harness.config"     # its recipe/ folder is the `recipe` group (Hydra experiment configs)
@@ -300,12 +306,30 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
 
 
 def finish(cfg: DictConfig, recipe: str | None) -> DictConfig:
-    """What composition leaves to do: record the recipe's name, then check the values."""
+    """What composition leaves to do: record the recipe's name, apply the method's needs on the network,
+    then check the values."""
     if recipe:
         with open_dict(cfg):
             cfg.recipe = recipe
+    apply_network_requirements(cfg)
     validate(cfg)
     return cfg
+
+
+def apply_network_requirements(cfg: DictConfig) -> None:
+    """Set the model keys the method config needs (methods.base.Method.network_requirements: sCT/sCD's
+    log-variance head, GCM-VU's second time input, a JVP-capable attention backend), logging each change;
+    the resolved config (config.yaml) shows them."""
+    import methods
+    try:
+        cls = methods.get(cfg.method.name)
+        needs = cls.network_requirements(OmegaConf.to_object(cfg.method), cfg.model)
+    except (ValueError, TypeError):
+        return                       # validate() reports the method's own errors
+    for key, (value, why) in needs.items():
+        if key in cfg.model and cfg.model[key] != value:
+            log.info("method=%s sets model.%s=%s (was %s): %s", cfg.method.name, key, value, cfg.model[key], why)
+            cfg.model[key] = value
 
 
 def validate(cfg: DictConfig) -> None:
@@ -313,8 +337,9 @@ def validate(cfg: DictConfig) -> None:
     import torch
 
     import methods
+    from harness.nets import check_model_config
     from harness.nets.attention import check_backend
-    from harness.data import check_data_config
+    from harness.data import check_data_config, data_shape
 
     if str(cfg.method.preset).startswith(_UNKNOWN):
         cls = methods.get(cfg.method.name)
@@ -328,8 +353,14 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.zero_stage={t.zero_stage} is not supported; valid: 0, 1, 2")
     if t.steps < 1 or t.batch_size < 1:
         raise ConfigError(f"trainer.steps and trainer.batch_size must be >= 1 (got {t.steps}, {t.batch_size})")
-    if len(t.betas) != 2:
-        raise ConfigError(f"trainer.betas needs two values, got {list(t.betas)}")
+    if not (math.isfinite(t.lr) and t.lr > 0):
+        raise ConfigError(f"trainer.lr must be a finite number > 0, got {t.lr}")
+    if not (math.isfinite(t.grad_clip) and t.grad_clip >= 0):
+        raise ConfigError(f"trainer.grad_clip must be >= 0 (0 = off), got {t.grad_clip}")
+    if not (t.weight_decay >= 0 and t.eps > 0):
+        raise ConfigError(f"trainer.weight_decay must be >= 0 and trainer.eps > 0 (got {t.weight_decay}, {t.eps})")
+    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+        raise ConfigError(f"trainer.betas needs two values in [0, 1), got {list(t.betas)}")
     if any(not 0.0 < b < 1.0 for b in t.ema_betas) or any(s <= 0 for s in t.ema_stds):
         raise ConfigError("trainer.ema_betas must lie in (0, 1) and trainer.ema_stds must be > 0")
     _one_of("trainer.device", t.device, ("auto", "cpu", "cuda"))
@@ -362,8 +393,9 @@ def validate(cfg: DictConfig) -> None:
     names = [ema_name(beta=b) for b in t.ema_betas] + [ema_name(std=s) for s in t.ema_stds]
     if len(set(names)) != len(names):
         raise ConfigError(f"two EMAs share a name: {names}; make trainer.ema_betas / ema_stds distinct")
-    if any(s < 0 for s in cfg.eval.steps):
-        raise ConfigError(f"eval.steps must be >= 0, got {list(cfg.eval.steps)}")
+    if any(s < 0 or s > MAX_EVAL_STEPS for s in cfg.eval.steps):
+        raise ConfigError(f"eval.steps must lie in [0, {MAX_EVAL_STEPS}] (sampler steps; 0 = the method's own), "
+                          f"got {list(cfg.eval.steps)}")
     if cfg.eval.num_samples < 2 or cfg.eval.batch_size < 1:
         raise ConfigError(f"eval.num_samples must be >= 2 and eval.batch_size >= 1 "
                           f"(got {cfg.eval.num_samples}, {cfg.eval.batch_size})")
@@ -378,6 +410,8 @@ def validate(cfg: DictConfig) -> None:
     try:
         check_backend(cfg.model.attention)
         check_data_config(cfg.data)
+        shape, classes = data_shape(cfg.data)
+        check_model_config(cfg.model, shape, classes, cfg.data.name)
         method_cls, method_cfg = methods.get(cfg.method.name), OmegaConf.to_object(cfg.method)
         method_cls.check_config(method_cfg)
         method_cls.check_model(method_cfg, cfg.model)

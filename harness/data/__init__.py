@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from harness.data.config import DATASETS, DataConfig, DataError, Dataset, fixed_split
-from harness.data.digits import check_digits, digits_split, load_digits
+from harness.data.digits import NUM_CLASSES as DIGITS_CLASSES, SHAPE as DIGITS_SHAPE, check_digits, digits_split, load_digits
 from harness.data.images import SPECS, check_images, load_images
 from harness.data.toy2d import TOYS, check_toy, load_toy
 
@@ -24,6 +24,7 @@ __all__ = [
     "DataError",
     "Dataset",
     "check_data_config",
+    "data_shape",
     "digits_split",
     "fixed_split",
     "load_dataset",
@@ -35,23 +36,26 @@ __all__ = [
 class _Entry:
     load: Callable[[DataConfig], Dataset]  # the loader, a pure function of the config
     check: Callable[[DataConfig], None]  # cheap up-front validation, raising DataError
+    shape: tuple[int, ...]  # one item: (C, H, W) for images, (D,) for points
+    classes: int  # labels it has (0: none)
 
 
 _REGISTRY: dict[str, _Entry] = {}
 
 
-def register_dataset(name: str, load: Callable[[DataConfig], Dataset], check: Callable[[DataConfig], None]) -> None:
-    """Add a dataset under `name`; a name can be registered once only."""
+def register_dataset(name: str, load: Callable[[DataConfig], Dataset], check: Callable[[DataConfig], None],
+                     shape: tuple[int, ...], classes: int = 0) -> None:
+    """Add a dataset under `name` (items of `shape`, `classes` labels); a name can be registered once only."""
     if name in _REGISTRY:
         raise ValueError(f"dataset '{name}' is already registered")
-    _REGISTRY[name] = _Entry(load, check)
+    _REGISTRY[name] = _Entry(load, check, tuple(shape), classes)
 
 
-register_dataset("digits", load_digits, check_digits)
-for _name in SPECS:
-    register_dataset(_name, load_images, check_images)
+register_dataset("digits", load_digits, check_digits, DIGITS_SHAPE, DIGITS_CLASSES)
+for _name, _spec in SPECS.items():
+    register_dataset(_name, load_images, check_images, (3, _spec.resolution, _spec.resolution), _spec.num_classes)
 for _name in TOYS:
-    register_dataset(_name, load_toy, check_toy)
+    register_dataset(_name, load_toy, check_toy, (2,))
 if set(_REGISTRY) != set(DATASETS):
     raise RuntimeError(f"presets {sorted(DATASETS)} and loaders {sorted(_REGISTRY)} must name the same datasets")
 
@@ -66,6 +70,12 @@ def _entry(cfg: DataConfig) -> _Entry:
 def check_data_config(cfg: DataConfig) -> None:
     """Fail fast, before any work, on a bad name, count or path (checks existence and format only)."""
     _entry(cfg).check(cfg)
+
+
+def data_shape(cfg: DataConfig) -> tuple[tuple[int, ...], int]:
+    """(item shape, number of classes the network is conditioned on) without loading anything."""
+    entry = _entry(cfg)
+    return entry.shape, entry.classes if cfg.class_conditional else 0
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:

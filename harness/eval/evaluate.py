@@ -5,18 +5,27 @@ Scores a run's last checkpoint: every EMA (or the raw network when the run kept 
 each of --steps sampler steps (0 = the method's own N), with the run's eval and method settings unless
 given here: e.g. `method.mid_t=[1.5]` re-scores with another 2-step mid-point, and
 `eval.selection=true 'eval.mid_sigma_grid=[0.1,0.2,0.4,0.8,1.6,3.2]'` chooses it on the selection set
-(harness.eval.select). Writes RUN_DIR/evaluate.json = {"scores": [...], "checkpoint": ..., ...} atomically and
-touches nothing else in the run directory. Exit status 2 on a bad RUN_DIR or option (one line).
+(harness.eval.select).
+
+Scores keep their protocol: with the run's own protocol (its eval.* and method.* settings; --steps
+and the batch size do not count) it writes RUN_DIR/evaluate.json, whose scores the collector uses in
+place of result.json's; with any other (e.g. --num-samples 50) it writes RUN_DIR/evaluate-<protocol>.json
+beside the original, never replacing it, and the collector reads it only when asked for that protocol
+(`harness.collect --protocol`). Each file is written atomically and nothing else in the run directory is
+touched. Exit status 2 on a bad RUN_DIR or option (one line).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import sys
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+from harness import version
 
 log = logging.getLogger("harness.eval.evaluate")
 
@@ -48,10 +57,12 @@ def apply_options(cfg: DictConfig, args: argparse.Namespace) -> DictConfig:
     from harness.eval.metrics import check_eval_config
     ecfg = cfg.eval
     ecfg.steps = list(args.steps)
-    if args.num_samples is not None:
-        ecfg.num_samples = args.num_samples
-    if args.metric is not None:
-        ecfg.metric = args.metric
+    for flag, key, value in (("--num-samples", "num_samples", args.num_samples), ("--metric", "metric", args.metric)):
+        given = [o.split("=", 1)[1] for o in args.overrides if o.split("=", 1)[0] == f"eval.{key}"]
+        if value is not None and given and given[-1] != str(value):
+            raise EvaluateError(f"{flag} {value} and eval.{key}={given[-1]} disagree; give one of them")
+        if value is not None:
+            ecfg[key] = value
     bad = [o for o in args.overrides if not o.startswith(("eval.", "method."))]
     if bad:
         raise EvaluateError(f"only eval.KEY=VALUE and method.KEY=VALUE (sampler settings such as "
@@ -70,6 +81,28 @@ def apply_options(cfg: DictConfig, args: argparse.Namespace) -> DictConfig:
     check_eval_config(ecfg, cfg.data.name)
     _check_method(cfg)
     return cfg
+
+
+# eval keys that change how many rows there are or how fast they come, not what a score measures
+PROTOCOL_FREE = {"steps", "at_end", "every_steps", "batch_size", "grid", "cache_dir", "inception_path"}
+
+
+def protocol_of(run_cfg: DictConfig, cfg: DictConfig) -> tuple[str, dict]:
+    """("run", {}) when `cfg` scores as the run itself did, else (an id for file names, {key: new value})."""
+    import hashlib
+    import json
+    import re
+    old = {"eval": OmegaConf.to_container(run_cfg.eval, resolve=True),
+           "method": OmegaConf.to_container(run_cfg.method, resolve=True)}
+    new = {"eval": OmegaConf.to_container(cfg.eval, resolve=True),
+           "method": OmegaConf.to_container(cfg.method, resolve=True)}
+    changes = {f"{section}.{k}": v for section in ("eval", "method") for k, v in new[section].items()
+               if not (section == "eval" and k in PROTOCOL_FREE) and old[section].get(k) != v}
+    if not changes:
+        return "run", {}
+    digest = hashlib.sha256(json.dumps(changes, sort_keys=True).encode()).hexdigest()[:6]
+    readable = "-".join(f"{k.split('.', 1)[1]}{v}" for k, v in sorted(changes.items()))
+    return f"{re.sub(r'[^A-Za-z0-9_.]+', '_', readable)[:40]}-{digest}", changes
 
 
 def _method_schema(cfg: DictConfig) -> dict:
@@ -135,8 +168,10 @@ def _engine_weights(ckpt: Path) -> dict:
     return checkpoint.safe_load(files[0])["module"]
 
 
-def evaluate(run_dir: Path, cfg: DictConfig, device: str = "auto", argv: list[str] | None = None) -> dict:
-    """Score the run's last checkpoint; returns (and writes) the evaluate.json content."""
+def evaluate(run_dir: Path, cfg: DictConfig, device: str = "auto", argv: list[str] | None = None,
+             run_cfg: DictConfig | None = None) -> dict:
+    """Score the run's last checkpoint; returns (and writes) the evaluate.json content (evaluate-<protocol>.json
+    when `cfg` scores by another protocol than the run's own config `run_cfg`)."""
     import torch
 
     from harness.data import load_dataset
@@ -154,13 +189,19 @@ def evaluate(run_dir: Path, cfg: DictConfig, device: str = "auto", argv: list[st
     t0 = time.perf_counter()
     step = int(state.get("counters", {}).get("step", -1))
     scores = score(method, nets, data, cfg.eval, dev, step, metric=metric)
+    protocol, changes = protocol_of(run_cfg if run_cfg is not None else load_run_config(run_dir), cfg)
     for record in scores:
-        record.update({"checkpoint": ckpt.name, "train_seed": int(cfg.get("seed", 0))})
+        record.update({"checkpoint": ckpt.name, "train_seed": int(cfg.get("seed", 0)), "protocol": protocol})
     out = {"scores": scores, "run_dir": str(run_dir), "checkpoint": str(ckpt), "checkpoint_step": step,
            "eval": OmegaConf.to_container(cfg.eval, resolve=True), "created": time.time(),
+           "protocol": {"id": protocol, "changes": changes}, "file": evaluate_file(protocol),
            "eval_sec": time.perf_counter() - t0, "command": ["python", "-m", "harness.evaluate", *(argv or [])]}
-    RunDir(run_dir).write_json("evaluate.json", out)
+    RunDir(run_dir).write_json(evaluate_file(protocol), out)
     return out
+
+
+def evaluate_file(protocol: str) -> str:
+    return "evaluate.json" if protocol == "run" else f"evaluate-{protocol}.json"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -171,6 +212,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=None, help="samples per score (default: the run's)")
     p.add_argument("--metric", choices=METRIC_NAMES, default=None, help="default: the run's eval.metric")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     p.add_argument("overrides", nargs="*", help="eval.KEY=VALUE (e.g. eval.seed=1, eval.selection=true) or "
                    "method.KEY=VALUE (e.g. method.mid_t=[1.5])")
     # KEY=VALUE tokens are overrides wherever they stand (also right after --steps 1 2)
@@ -189,12 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     run_dir = Path(args.run_dir)
     try:
-        cfg = apply_options(load_run_config(run_dir), args)
-        out = evaluate(run_dir, cfg, args.device, argv)
+        run_cfg = load_run_config(run_dir)
+        cfg = apply_options(copy.deepcopy(run_cfg), args)
+        out = evaluate(run_dir, cfg, args.device, argv, run_cfg)
     except (EvaluateError, ConfigError, MetricError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{run_dir / 'evaluate.json'}: {len(out['scores'])} scores ({out['checkpoint']})")
+    print(f"{run_dir / out['file']}: {len(out['scores'])} scores ({out['checkpoint']}; protocol {out['protocol']['id']})")
     for s in out["scores"]:
         print(f"  {s['ema']:>16s} {s['steps']:>3d} step(s) (NFE {s['nfe']}): {s['metric']} "
               f"{s['value']:.3f} (floor {s['floor']:.3f})")

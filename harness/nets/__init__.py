@@ -20,7 +20,7 @@ from harness.nets.unet import UNet, UNetConfig
 
 __all__ = [
     "ARCHS", "MODEL_PRESETS", "NetBase", "NetConfig", "UNetConfig", "DDPMppConfig", "DiTConfig", "MLPConfig",
-    "build_net", "count_params", "get_preset",
+    "build_net", "check_model_config", "count_params", "get_preset",
 ]
 
 # arch name -> (config dataclass, module class)
@@ -120,6 +120,39 @@ def build_net(cfg: Any, data_shape: tuple[int, ...], num_classes: int) -> nn.Mod
     (0 = unconditional). Use `with torch.device("meta"):` to build without allocating."""
     cfg = _as_config(cfg)
     return ARCHS[cfg.arch][1](cfg, tuple(data_shape), int(num_classes))
+
+
+# Size fields that must be positive integers, in any arch that has them.
+_POSITIVE = ("channels", "hidden_size", "hidden", "depth", "heads", "patch_size", "num_blocks", "channels_per_head")
+
+
+def check_model_config(cfg: Any, data_shape: tuple[int, ...], num_classes: int, data_name: str) -> None:
+    """Raise ValueError (one line) when `cfg` cannot be built for this data: an arch for the other kind of
+    data, a size below 1, a dropout outside [0, 1), or anything else the constructor refuses (it is built
+    on the meta device, allocating nothing)."""
+    import torch
+    cfg = _as_config(cfg)
+    points = len(data_shape) == 1
+    if points != (cfg.arch == "mlp"):
+        fits = [n for n, c in MODEL_PRESETS.items() if (c.arch == "mlp") == points]
+        kind = "2-D points" if points else f"{'x'.join(map(str, data_shape))} images"
+        raise ValueError(f"model={cfg.name} ({cfg.arch}) cannot take {data_name}'s {kind}; "
+                         f"valid for it: {', '.join(fits)}")
+    for key in _POSITIVE:
+        value = getattr(cfg, key, None)
+        if value is not None and value < 1:
+            raise ValueError(f"model.{key} must be >= 1, got {value}")
+    mult = getattr(cfg, "channel_mult", None)
+    if mult is not None and (not mult or min(mult) < 1):
+        raise ValueError(f"model.channel_mult must be a non-empty list of values >= 1, got {list(mult)}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ValueError(f"model.dropout must lie in [0, 1), got {cfg.dropout}")
+    try:
+        with torch.device("meta"):
+            build_net(cfg, data_shape, num_classes)
+    except Exception as exc:   # the constructor's own objection, whatever it is, before any work
+        raise ValueError(f"model={cfg.name} cannot be built for {data_name}: {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else 'no reason given'}") from None
 
 
 def uses_forced_weight_norm(net: nn.Module) -> bool:

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from harness import version
 from harness.config import ConfigError
 from harness.train.rundir import atomic_write_text, first_line
 from harness.sweep.status import StatusBoard, progress_line, run_state, table
@@ -140,8 +141,8 @@ def collect_results(root: Path) -> int:
     except Exception as exc:  # noqa: BLE001 (the runs are done; report the collector's error in one line)
         print(f"error: collecting {root} failed: {type(exc).__name__}: {first_line(exc)}", file=sys.stderr)
         return 1
-    for name, path in (paths or {}).items():
-        print(f"collected {name}: {path}")
+    if paths:
+        print(f"collected {len(paths)} files into {paths['files.txt'].parent} (listed in files.txt)")
     return 0
 
 
@@ -210,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--dry-run", action="store_true", help="print the plan and the estimated compute")
     mode.add_argument("--status", action="store_true", help="report each run's state; submit nothing")
     parser.add_argument("--retry-failed", action="store_true", help="run failed runs again")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     args = parser.parse_intermixed_args(argv)
     from launchers import LauncherError, resolve_name
     try:

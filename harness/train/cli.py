@@ -95,8 +95,11 @@ def _train(cfg: DictConfig, run_dir: RunDir, dist, stop_signals: tuple[int, ...]
     from harness.train.trainer import Interrupted, LossDiverged, NonFiniteLoss
     previous = run_dir.read_json("result.json")
     if previous and previous.get("status") == "completed":
-        log.info("%s already completed", run_dir.path)
-        return previous
+        if int(previous.get("steps", 0)) >= cfg.trainer.steps:
+            log.info("%s already completed", run_dir.path)
+            return previous
+        log.info("%s completed %s steps; training on to trainer.steps=%d from its last checkpoint",
+                 run_dir.path, previous.get("steps"), cfg.trainer.steps)
     result: dict = {"status": "running", "run_dir": str(run_dir.path)}
     box: dict = {}
     try:
@@ -203,7 +206,7 @@ def _grid(overrides: list[str]) -> list[list[str]]:
 
 def _precheck(overrides: list[str], multirun: bool) -> list[DictConfig]:
     """Compose (and check) every job before Hydra starts anything, so bad input is one line and writes nothing."""
-    from harness.train.trainer import check_source_run
+    from harness.train.trainer import check_init_fits, check_source_run
     keys = {o.split("=", 1)[0] for o in overrides}
     for hydra_key in ("hydra.run.dir", "hydra.sweep.dir"):
         if "run_dir" in keys and hydra_key in keys:
@@ -213,7 +216,9 @@ def _precheck(overrides: list[str], multirun: bool) -> list[DictConfig]:
         for key, student in (("init_from", ""), ("teacher", cfg.method.name)):
             try:
                 if cfg[key]:
-                    check_source_run(cfg[key], cfg.data, student)
+                    source = check_source_run(cfg[key], cfg.data, student)
+                    if key == "init_from":
+                        check_init_fits(cfg, source.model)
             except ValueError as exc:
                 raise ConfigError(f"{key}: {exc}") from None
     return cfgs
@@ -297,6 +302,18 @@ def _hydra_app(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     flags, overrides, multirun = _split_argv(argv)
+    if "--version" in flags:          # Hydra's own would name Hydra's version
+        from harness import version
+        print(f"harness.train {version()}")
+        return 0
+    if flags in (["--cfg"], ["-c"]) and overrides[:1] == ["job"]:   # the config as it will run: after the
+        try:                                                        # method's network needs and the checks
+            cfg = compose(overrides[1:])
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(OmegaConf.to_yaml(cfg, resolve=True), end="")
+        return 0
     if any(f in _INFO_FLAGS for f in flags):
         return _hydra_app(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -1,7 +1,9 @@
 """The run directory: the only contract between training and collection.
 
-    config.yaml      the fully resolved config, written before step 0 and never changed
+    config.yaml      the fully resolved config, written before step 0; rewritten only by a resume that
+                     changes what RESUMABLE_CHANGES allows
     config.json      the same config as JSON, for the collector (plain json.loads); old runs may lack it
+    changes.jsonl    one line per resume that changed the config (RunDir.prepare: a longer run, eval.*, ...)
     derived.json     values derived from it (precision, world size, steps per stage, ...)
     metrics.jsonl    one JSON object per log interval / evaluation, namespaced keys
     checkpoints/     see harness.train.checkpoint
@@ -73,6 +75,39 @@ class RunDirError(ValueError):
     pass
 
 
+_ABSENT = "<absent>"
+# Keys whose change a run takes on resume (exact keys, or prefixes ending in "."): what is still to come
+# (evaluations, logging, checkpoints), where the run lives, and a longer run (trainer.steps may only grow).
+RESUMABLE_CHANGES = ("run_dir", "trainer.steps", "eval.", "log.", "launcher.name", "trainer.log_every_steps",
+                     "trainer.checkpoint_every_steps", "trainer.keep_checkpoints", "trainer.grid_every_steps",
+                     "trainer.max_nonfinite_steps", "trainer.divergence_factor", "trainer.divergence_steps",
+                     "trainer.threads", "trainer.device")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def config_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+    """key -> (old value, new value) for every leaf that differs (_ABSENT where a side lacks it)."""
+    a, b = _flat(old), _flat(new)
+    return {k: (a.get(k, _ABSENT), b.get(k, _ABSENT)) for k in sorted(set(a) | set(b)) if a.get(k, _ABSENT) != b.get(k, _ABSENT)}
+
+
+def resumable_change(key: str, old: Any, new: Any) -> bool:
+    if old is _ABSENT or new is _ABSENT:            # a key this version of the harness added or dropped
+        return True
+    if key == "trainer.steps":
+        return isinstance(old, int) and isinstance(new, int) and new >= old
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES)
+
+
+def _show(value: Any) -> str:
+    return value if value is _ABSENT else json.dumps(value)
+
+
 def describe_error(exc: BaseException) -> str:
     """One line for a status: an OS error by its reason and file ("No space left on device (path)"),
     anything else by its type and first line."""
@@ -121,12 +156,26 @@ class RunDir:
     def prepare(self, cfg: DictConfig) -> bool:
         """Create the directory and write the config; True when resuming an existing run.
 
-        A directory that already holds a different config is refused (nothing is overwritten)."""
+        A directory that already holds a run takes a config that differs only where a run may change on
+        resume (RESUMABLE_CHANGES: a longer trainer.steps, eval.*, log.*, bookkeeping; run_dir, so a moved
+        directory resumes; keys a newer harness added or dropped): config.yaml and config.json are
+        rewritten and `changes.jsonl` records each change. Any other difference is refused, naming the
+        keys, before anything is written."""
         text = OmegaConf.to_yaml(cfg, resolve=True)
         resuming = self.config_path.exists()
         if resuming and self.config_path.read_text() != text:
-            raise RunDirError(f"{self.path} already holds a run with a different config; "
-                              f"choose another run_dir or delete it")
+            changes = config_changes(OmegaConf.to_container(OmegaConf.load(self.config_path)),
+                                     OmegaConf.to_container(cfg, resolve=True))
+            refused = {k: v for k, v in changes.items() if not resumable_change(k, *v)}
+            if refused:
+                shown = "; ".join(f"{k}: {_show(a)} -> {_show(b)}" for k, (a, b) in list(refused.items())[:6])
+                more = f" and {len(refused) - 6} more" if len(refused) > 6 else ""
+                raise RunDirError(f"{self.path} already holds a run with a different config ({shown}{more}); "
+                                  f"choose another run_dir or delete it")
+            with open(self.path / "changes.jsonl", "a") as fh:
+                fh.write(json.dumps(_clean({"time": time.time(), "changes": changes}), sort_keys=True) + "\n")
+            atomic_write_text(self.config_path, text)
+            (self.path / "config.json").unlink(missing_ok=True)
         if not resuming:
             self.path.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.config_path, text)

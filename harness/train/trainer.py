@@ -124,15 +124,32 @@ def load_run_net(run_dir: str, ema_name: str, data: DictConfig,
     return emas[name], other.model
 
 
-def load_weights(net: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
-    """Load another run's weights, refusing (in one line) a network of another shape."""
-    mine = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-    theirs = {k: tuple(v.shape) for k, v in weights.items()}
-    # a source without a log-variance head (e.g. a teacher for sCT) leaves this run's new head at its init
+def _fresh_head(mine: dict[str, tuple], theirs: dict[str, tuple], source: str) -> set[str]:
+    """Check that weights of shapes `theirs` fit a network of shapes `mine` (ValueError, one line); the
+    keys of a log-variance head only `mine` has (a source without one, e.g. a teacher for sCT, leaves
+    this run's new head at its init)."""
     fresh_head = {k for k in set(mine) - set(theirs) if k.startswith("logvar_head.")}
     if {k: s for k, s in mine.items() if k not in fresh_head} != theirs:
         diff = sorted(set(mine.items()) ^ set(theirs.items()))[0]
         raise ValueError(f"{source}'s network does not match this model (first difference: {diff[0]} {diff[1]})")
+    return fresh_head
+
+
+def check_init_fits(cfg: DictConfig, source_model: DictConfig) -> None:
+    """Before any work: would init_from's weights (a network of `source_model`) load into this run's?
+    Both are built on the meta device from their configs, allocating nothing."""
+    from harness.data import data_shape
+    shape, classes = data_shape(cfg.data)
+    with torch.device("meta"):
+        mine, theirs = (build_net(m, shape, classes).state_dict() for m in (cfg.model, source_model))
+    _fresh_head({k: tuple(v.shape) for k, v in mine.items()}, {k: tuple(v.shape) for k, v in theirs.items()},
+                cfg.init_from)
+
+
+def load_weights(net: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Load another run's weights, refusing (in one line) a network of another shape."""
+    fresh_head = _fresh_head({k: tuple(v.shape) for k, v in net.state_dict().items()},
+                             {k: tuple(v.shape) for k, v in weights.items()}, source)
     if fresh_head:
         log.info("%s has no log-variance head: this run's starts at its initialization", source)
     net.load_state_dict(weights, strict=not fresh_head)
