@@ -332,10 +332,14 @@ def test_status_board_plain_and_tty(tmp_path):
         board.update(runs[1].run_id, "failed: boom")
     lines = plain.getvalue().splitlines()
     assert "\x1b[" not in plain.getvalue()
-    assert lines[0].split()[1:] == ["running", Path(runs[0].run_dir).name]
-    assert lines[3].strip().startswith("[" + "#" * 10 + "." * 20 + "] 1/3  completed 1  failed 0")
-    assert "failed: boom" in plain.getvalue() and lines[-1].startswith("[" + "#" * 20 + "." * 10 + "] 2/3")
-    assert progress_line({"a": "completed", "b": "running"}, 5).endswith("running 1  queued 0  5 s")
+    assert lines[0].split(" | ")[0].split()[1:] == ["running", Path(runs[0].run_dir).name]   # one line per change
+    assert lines[1].split(" | ")[1].startswith("[" + "#" * 10 + "." * 20 + "] 1/3  completed 1  failed 0")
+    assert lines[2].split(" | ")[0].endswith(f"failed: boom {Path(runs[1].run_dir).name}")
+    assert lines[2].split(" | ")[1].startswith("[" + "#" * 20 + "." * 10 + "] 2/3")
+    assert "GFLOP/s  ETA " in lines[2]          # throughput since the start, and the ETA of the third run
+    assert progress_line({"a": "completed", "b": "running"}, 5).endswith("running 1  queued 0  elapsed 0:00:05")
+    # ETA: 3e12 of 4e12 FLOP done, 1e12 of them in the 10 s since the start -> 1e11 FLOP/s, 10 s to go
+    assert progress_line({"a": "completed"}, 10, (2e12, 3e12, 4e12)).endswith("elapsed 0:00:10  100 GFLOP/s  ETA 0:00:10")
 
     class Tty(io.StringIO):
         def isatty(self):

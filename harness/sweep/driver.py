@@ -20,7 +20,7 @@ from pathlib import Path
 from harness import version
 from harness.config import ConfigError
 from harness.train.rundir import atomic_write_text, first_line
-from harness.sweep.status import StatusBoard, progress_line, run_state, table
+from harness.sweep.status import StatusBoard, done_flops, progress_line, run_state, table
 from harness.train.rundir import RunDirError, exclusive, read_result
 from harness.sweep.spec import PlannedRun, Sweep, format_value, expand, load_spec
 
@@ -227,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.status:
         status = {r.run_id: run_state(r.run_dir) for r in runs}
         print(table(runs, status))
-        print(progress_line({k: ("queued" if v in ("new", "interrupted") else v) for k, v in status.items()}, 0))
+        shown = {k: ("queued" if v in ("new", "interrupted") else v) for k, v in status.items()}
+        done = done_flops(runs, shown)
+        print(progress_line(shown, 0, (done, done, sum(r.flops_est for r in runs))))
         return 0
     try:
         with exclusive(sweep.out_dir, f"harness.sweep {sweep.name}"):   # one driver per sweep directory

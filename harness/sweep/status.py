@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TextIO
 
 from harness.sweep.spec import PlannedRun, format_value
-from harness.train.rundir import is_end, read_status
+from harness.train.rundir import is_end, read_result, read_status
 
 BAR_WIDTH = 30
 
@@ -55,22 +55,61 @@ def counts(status: dict[str, str]) -> dict[str, int]:
     return out
 
 
-def progress_line(status: dict[str, str], elapsed_sec: float) -> str:
+def _clock(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def done_flops(runs: list[PlannedRun], status: dict[str, str]) -> float:
+    """Estimated training FLOPs done (PlannedRun.flops_est, from counted forward FLOPs): all of an ended
+    run's, the logged fraction of a running one's."""
+    total = 0.0
+    for r in runs:
+        s = status.get(r.run_id, "queued")
+        if s == "completed" or s.startswith("failed"):
+            total += r.flops_est
+        elif s == "running" and r.steps:
+            total += r.flops_est * min(last_step(r.run_dir), r.steps) / r.steps
+    return total
+
+
+def progress_line(status: dict[str, str], elapsed_sec: float, flops: tuple[float, float, float] | None = None) -> str:
+    """Counts, elapsed time and, given `flops` = (done at the start, done now, total), the throughput
+    measured since the start and the ETA it gives for the rest."""
     c = counts(status)
     done = c["completed"] + c["failed"]
-    return (f"{bar(done, len(status))} {done}/{len(status)}  completed {c['completed']}  failed {c['failed']}  "
-            f"running {c['running']}  queued {c['queued']}  {elapsed_sec:.0f} s")
+    line = (f"{bar(done, len(status))} {done}/{len(status)}  completed {c['completed']}  failed {c['failed']}  "
+            f"running {c['running']}  queued {c['queued']}  elapsed {_clock(elapsed_sec)}")
+    if flops is not None:
+        start, now, total = flops
+        rate = (now - start) / elapsed_sec if elapsed_sec > 0 else 0.0
+        line += f"  {rate / 1e9:.3g} GFLOP/s" if rate > 0 else ""
+        line += f"  ETA {_clock((total - now) / rate)}" if rate > 0 else f"  {(total - now) / 1e12:.3g} TFLOP to go"
+    return line
+
+
+def best_score(run_dir: str) -> str:
+    """The run's best 2-step score (else 1-step), as 'metric value', from result.json; '' when none."""
+    scores = [s for s in read_result(run_dir).get("scores", []) if isinstance(s, dict)
+              and isinstance(s.get("value"), (int, float))]
+    for steps in (2, 1):
+        picked = [s for s in scores if s.get("steps") == steps]
+        if picked:
+            best = min(picked, key=lambda s: s["value"])
+            return f"{best.get('metric')} {best['value']:.4g} ({steps}-step)"
+    return ""
 
 
 def table(runs: list[PlannedRun], status: dict[str, str], started: dict[str, float] | None = None) -> str:
     started = started or {}
-    rows = [("run", "stage", "grid point", "status", "step", "time")]
+    rows = [("run", "stage", "grid point", "status", "step", "time", "score")]
     for r in runs:
         s = status.get(r.run_id, "queued")
         step = f"{last_step(r.run_dir) if s == 'running' else (r.steps if s == 'completed' else 0)}/{r.steps}"
         secs = f"{time.time() - started[r.run_id]:.0f} s" if s == "running" and r.run_id in started else ""
         point = " ".join(f"{k}={format_value(v)}" for k, v in r.point.items())
-        rows.append((r.run_id, r.stage, point, s if len(s) < 70 else s[:67] + "...", step, secs))
+        rows.append((r.run_id, r.stage, point, s if len(s) < 70 else s[:67] + "...", step, secs,
+                     best_score(r.run_dir) if s == "completed" else ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
@@ -85,6 +124,8 @@ class StatusBoard:
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.started: dict[str, float] = {}
         self.tic = time.time()
+        self.total_flops = sum(r.flops_est for r in runs)
+        self.start_flops = done_flops(runs, self.status)   # runs ended before this driver started
         self._lock = threading.Lock()
         self._live = None
 
@@ -104,10 +145,13 @@ class StatusBoard:
             self._live = None
         self.redraw(final=True)
 
+    def _progress(self) -> str:
+        flops = (self.start_flops, done_flops(self.runs, self.status), self.total_flops)
+        return progress_line(self.status, time.time() - self.tic, flops)
+
     def _text(self) -> str:
         with self._lock:
-            return table(self.runs, self.status, self.started) + "\n" + progress_line(
-                self.status, time.time() - self.tic)
+            return table(self.runs, self.status, self.started) + "\n" + self._progress()
 
     def _renderable(self):
         from rich.text import Text
@@ -120,11 +164,12 @@ class StatusBoard:
             self.status[run_id] = status
             if status == "running":
                 self.started[run_id] = time.time()
-            if not self.tty:
+            if not self.tty:         # one line per change: the run, its score when it completed, the sweep
                 run = next((r for r in self.runs if r.run_id == run_id), None)
                 name = Path(run.run_dir).name if run else run_id
-                print(f"{time.strftime('%H:%M:%S')} {status:<10s} {name}\n  "
-                      f"{progress_line(self.status, time.time() - self.tic)}", file=self.stream, flush=True)
+                score = best_score(run.run_dir) if run and status == "completed" else ""
+                print(f"{time.strftime('%H:%M:%S')} {status:<10s} {name}{f' ({score})' if score else ''} | "
+                      f"{self._progress()}", file=self.stream, flush=True)
         if self._live is not None:
             self._live.refresh()
 
