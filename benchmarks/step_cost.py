@@ -54,7 +54,7 @@ METHODS = {
 # Public implementations timed on this machine kind at the ddpmpp-32 shape (the sCM issue's numbers;
 # they cannot be fetched and rerun here, so they are quoted, not measured side by side).
 PUBLIC_MS = {"ect-style step": 376.0, "sct step": 654.0}
-SHARED = ["data=digits", "trainer.batch_size=128", "trainer.precision=fp32", "trainer.device=cpu",
+SHARED = ["data=digits", "trainer.batch_size=128", "trainer.precision=fp32",
           "trainer.log_every_steps=1000000", "trainer.checkpoint_every_steps=1000000", "eval.at_end=false",
           "eval.every_steps=0"]
 
@@ -73,10 +73,14 @@ def _teacher(config: str, method: str, root: Path) -> str:
     from harness.config import compose
     from harness.train.cli import run
     run_dir = root / f"teacher-{config}-{method}"
-    cfg = compose([*SHARED, *CONFIGS[config], f"method={method}", "trainer.steps=1", f"run_dir={run_dir}"])
+    cfg = compose([*SHARED, *CONFIGS[config], f"method={method}", "trainer.steps=1", f"run_dir={run_dir}",
+                   f"trainer.device={DEVICE}"])
     if run(cfg)["status"] != "completed":
         raise RuntimeError(f"teacher {method} for {config} did not complete")
     return str(run_dir)
+
+
+DEVICE = "cpu"   # --device cuda: the same trainers on the GPU (scripts/gpu_check.sh)
 
 
 def _trainer(config: str, key: str, root: Path, steps: int, teachers: dict[str, str], tag: str = "time"):
@@ -86,10 +90,10 @@ def _trainer(config: str, key: str, root: Path, steps: int, teachers: dict[str, 
     from harness.train.trainer import Trainer
     teacher = METHODS[key].get("teacher")
     cfg = compose([*_overrides(config, key, teachers.get(teacher) if teacher else None, steps),
-                   f"run_dir={root / f'{config}-{key}-{tag}'}"])
+                   f"run_dir={root / f'{config}-{key}-{tag}'}", f"trainer.device={DEVICE}"])
     run_dir = RunDir(cfg.run_dir)
     run_dir.prepare(cfg)
-    return Trainer(cfg, run_dir, eng.setup_distributed("cpu"))
+    return Trainer(cfg, run_dir, eng.setup_distributed(DEVICE))
 
 
 def _status_kib(field: str) -> int:
@@ -123,6 +127,21 @@ def _memory_in_child(config: str, key: str, root: Path, teachers: dict[str, str]
     return int(out.stdout.strip().splitlines()[-1])
 
 
+def _cuda_memory(config: str, key: str, root: Path, teachers: dict[str, str]) -> int:
+    """Bytes of peak CUDA memory added by one steady-state step (the allocator's own count)."""
+    trainer = _trainer(config, key, root, 10, teachers, tag="memory")
+    for step in range(3):
+        trainer.step(step)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    trainer.step(3)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    trainer.close()
+    return int(peak)
+
+
 def bench_config(config: str, keys: list[str], steps: int, root: Path) -> dict:
     teachers = {m: _teacher(config, m, root) for m in {METHODS[k]["teacher"] for k in keys if "teacher" in METHODS[k]}}
     trainers = {k: _trainer(config, k, root, steps + 3, teachers) for k in keys}
@@ -131,13 +150,16 @@ def bench_config(config: str, keys: list[str], steps: int, root: Path) -> dict:
         for key, trainer in trainers.items():
             tic = time.perf_counter()
             trainer.step(step)
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
             if step >= 3:
                 times[key].append(time.perf_counter() - tic)
     del trainers
     rows = {}
     for key in keys:
         rows[key] = {"median_ms": 1000 * statistics.median(times[key]),
-                     "peak_step_bytes": _memory_in_child(config, key, root, teachers)}
+                     "peak_step_bytes": (_cuda_memory(config, key, root, teachers) if DEVICE == "cuda"
+                                         else _memory_in_child(config, key, root, teachers))}
         print(config, key, json.dumps(rows[key]), flush=True)
     if "ect" in rows:
         for row in rows.values():
@@ -152,20 +174,25 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--methods", nargs="+", default=None, help=f"default: all registered of {list(METHODS)}")
     parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--out", default=None, help="default results/bench/step_cost.json (cpu), step_cost_cuda.json")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
+    out = Path(args.out) if args.out else OUT.with_name("step_cost_cuda.json") if DEVICE == "cuda" else OUT
     keys = args.methods or [k for k in METHODS if METHODS[k].get("method", k) in registry.names()]
     unknown = sorted(set(keys) - set(METHODS))
     if unknown:
         parser.error(f"unknown method key(s) {unknown}; valid: {', '.join(METHODS)}")
-    result = {"configs": {}, "steps_timed": args.steps, "batch_size": 128, "precision": "fp32", "device": "cpu",
+    result = {"configs": {}, "steps_timed": args.steps, "batch_size": 128, "precision": "fp32", "device": DEVICE,
               "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
               "public_implementations_ms_quoted": PUBLIC_MS}
     with tempfile.TemporaryDirectory() as tmp:
         for config in args.configs:
             result["configs"][config] = bench_config(config, keys, args.steps, Path(tmp))
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {OUT}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

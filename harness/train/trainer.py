@@ -370,6 +370,8 @@ class Trainer:
                   "time/train_sec": c.train_sec, "flops/train_total": c.flops_total,
                   "lr": self.engine.get_lr()[0], "nonfinite/skipped_total": c.nonfinite_total,
                   "mem/peak_gb": peak_memory_gb(self.device)}
+        if self.precision == "fp16":      # DeepSpeed's dynamic loss scaling: steps skipped on overflow
+            record["fp16/overflow_skipped_total"] = int(getattr(self.engine, "skipped_steps", 0))
         self.run.log(record)
         for logger in self.loggers:
             logger.scalars(c.step, numeric(record))
