@@ -14,7 +14,7 @@ memory tracks live tensors rather than the allocator's cache). Distillation meth
 Configs:
   dit-s       the sCT/ECT comparison of the sCM issue: DiT-S on the digits with `jvp_flash` attention.
   ddpmpp-32   DDPM++ with 32 channels, multipliers [1, 2], one block per level, attention at 4x4,
-              dropout 0.2: the shape at which public implementations were timed on this machine kind.
+              dropout 0.2: the shape benchmarks/peers.py times against locuslab/ect side by side.
 """
 from __future__ import annotations
 
@@ -51,9 +51,6 @@ METHODS = {
     "gcm-cu": {"method": "gcm", "overrides": ["method.variant=cu"]},
     "gcm-vu": {"method": "gcm", "overrides": ["method.variant=vu", "model.extra_cond_dim=1"]},
 }
-# Public implementations timed on this machine kind at the ddpmpp-32 shape (the sCM issue's numbers;
-# they cannot be fetched and rerun here, so they are quoted, not measured side by side).
-PUBLIC_MS = {"ect-style step": 376.0, "sct step": 654.0}
 SHARED = ["data=digits", "trainer.batch_size=128", "trainer.precision=fp32",
           "trainer.log_every_steps=1000000", "trainer.checkpoint_every_steps=1000000", "eval.at_end=false",
           "eval.every_steps=0"]
@@ -185,8 +182,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown method key(s) {unknown}; valid: {', '.join(METHODS)}")
     result = {"configs": {}, "steps_timed": args.steps, "batch_size": 128, "precision": "fp32", "device": DEVICE,
-              "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
-              "public_implementations_ms_quoted": PUBLIC_MS}
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine()}
     with tempfile.TemporaryDirectory() as tmp:
         for config in args.configs:
             result["configs"][config] = bench_config(config, keys, args.steps, Path(tmp))
