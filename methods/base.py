@@ -99,13 +99,16 @@ class Method:
         check, and again by __init__ for a method built directly)."""
 
     @classmethod
-    def network_requirements(cls, cfg, model) -> dict[str, tuple[Any, str]]:
-        """model key -> (the value this method config needs, why): applied to the network config by the
-        harness before the checks (and logged), so a user never has to learn them. By default, a method
-        that `uses_jvp` moves a network with attention off a backend without forward-mode AD."""
+    def network_requirements(cls, cfg, model, device: str = "cpu") -> dict[str, tuple[Any, str]]:
+        """model key -> (the value this method config needs, why) on `device` (cpu | cuda): applied to the
+        network config by the harness before the checks (and logged), so a user never has to learn them.
+        By default, a method that `uses_jvp` moves attention off a fused kernel without forward-mode AD:
+        sdpa's and xformers' on CUDA; on the CPU, sdpa's flash kernel, which it picks for the DiT's
+        attention (the U-Nets' small heads get its math kernel, which has one)."""
         has_attention = model.get("arch") == "dit" or bool(model.get("attn_resolutions")) \
             or bool(model.get("mid_attention"))
-        if cls.uses_jvp and has_attention and model.get("attention") in NO_JVP_BACKENDS:
+        fused = device == "cuda" or model.get("arch") == "dit" or model.get("attention") == "xformers"
+        if cls.uses_jvp and has_attention and fused and model.get("attention") in NO_JVP_BACKENDS:
             return {"attention": ("jvp_flash", f"{cls.name}'s loss differentiates the network forward "
                                                f"(torch.func.jvp), which {model.get('attention')} cannot")}
         return {}

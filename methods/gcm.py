@@ -109,8 +109,8 @@ class GCM(Method):
             raise ValueError(f"method.mid_t must descend inside (t0, tT) = ({cfg.t0}, {cfg.tT}), got {list(cfg.mid_t)}")
 
     @classmethod
-    def network_requirements(cls, cfg: GCMConfig, model) -> dict[str, tuple[Any, str]]:
-        needs = super().network_requirements(cfg, model)
+    def network_requirements(cls, cfg: GCMConfig, model, device: str = "cpu") -> dict[str, tuple[Any, str]]:
+        needs = super().network_requirements(cfg, model, device)
         needs["extra_cond_dim"] = ((1, "method.variant=vu feeds the upper limit c(s) to the network as a "
                                        "second time input") if cfg.variant == "vu" else
                                    (0, "method.variant=cu has one time input"))

@@ -75,8 +75,8 @@ class SCM(Method):
                              f"{cfg.norm_c}, {cfg.p_std})")
 
     @classmethod
-    def network_requirements(cls, cfg: SCMConfig, model) -> dict[str, tuple[Any, str]]:
-        needs = super().network_requirements(cfg, model)
+    def network_requirements(cls, cfg: SCMConfig, model, device: str = "cpu") -> dict[str, tuple[Any, str]]:
+        needs = super().network_requirements(cfg, model, device)
         if cfg.adaptive_weight:
             needs["logvar"] = (True, "method.adaptive_weight=true learns w(t) as the network's log-variance head")
         return needs
@@ -195,8 +195,8 @@ class SCD(SCM):
                              f"(got {cfg.guidance_scale}, {cfg.guidance_max})")
 
     @classmethod
-    def network_requirements(cls, cfg: SCDConfig, model) -> dict[str, tuple[Any, str]]:
-        needs = super().network_requirements(cfg, model)
+    def network_requirements(cls, cfg: SCDConfig, model, device: str = "cpu") -> dict[str, tuple[Any, str]]:
+        needs = super().network_requirements(cfg, model, device)
         if cfg.guidance_max > 1:
             needs["extra_cond_dim"] = (1, f"method.guidance_max={cfg.guidance_max} feeds the guidance scale "
                                           f"to the student as a second input")

@@ -320,10 +320,13 @@ def apply_network_requirements(cfg: DictConfig) -> None:
     """Set the model keys the method config needs (methods.base.Method.network_requirements: sCT/sCD's
     log-variance head, GCM-VU's second time input, a JVP-capable attention backend), logging each change;
     the resolved config (config.yaml) shows them."""
+    import torch
+
     import methods
+    device = "cuda" if cfg.trainer.device != "cpu" and torch.cuda.is_available() else "cpu"
     try:
         cls = methods.get(cfg.method.name)
-        needs = cls.network_requirements(OmegaConf.to_object(cfg.method), cfg.model)
+        needs = cls.network_requirements(OmegaConf.to_object(cfg.method), cfg.model, device)
     except (ValueError, TypeError):
         return                       # validate() reports the method's own errors
     for key, (value, why) in needs.items():
