@@ -8,7 +8,6 @@ To and from EDM: sigma = sigma_d tan(t), x_sigma = x_t / cos(t) [sCM eq. 30].
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

@@ -1,5 +1,4 @@
 """Config errors: one clear line naming what was wrong and what is valid, before any work starts."""
-import os
 import subprocess
 import sys
 from pathlib import Path

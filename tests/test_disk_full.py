@@ -4,7 +4,6 @@ temporary file left behind; given room, the same run resumes from the newest of 
 Mounting a tmpfs needs root (CI runs as root); elsewhere the test says why it cannot run."""
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 

@@ -1,5 +1,4 @@
 """Two-process data parallel on CPU (gloo): the same weights as one process on the whole batch."""
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +7,7 @@ import pytest
 import torch
 
 from harness.train import checkpoint
+from processes import shell_env
 
 WORKER = Path(__file__).with_name("dp_worker.py")
 ROOT = WORKER.parent.parent
@@ -19,10 +19,7 @@ def _train(run_dir: Path, nproc: int, *overrides: str) -> dict:
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                str(WORKER), str(run_dir), *overrides]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
-                                                              "MASTER_ADDR", "MASTER_PORT")}
-    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=shell_env(), timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     newest = checkpoint.list_checkpoints(run_dir)[0]
     return torch.load(newest / "engine" / "mp_rank_00_model_states.pt", weights_only=False)["module"]

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import methods
-from harness.config import ConfigError, compose
+from harness.config import compose
 from methods.base import StepContext
 from methods.gcm import GCM, GCMConfig, eq39_residual, eq40_particles
 from methods.gcm_schedules import (loss_weight, step_h, tau_cdf, tau_icdf, tau_pdf, time_cond,

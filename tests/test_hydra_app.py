@@ -1,7 +1,6 @@
 """`python -m harness.train` is a Hydra application: its help, --cfg, --info, shell completion and -m grids
 behave as Hydra's do, and Hydra's output locations map onto run directories with nothing else written."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,18 +9,16 @@ import pytest
 import yaml
 
 from harness.config import ConfigError, compose
+from processes import shell_env
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["data=swissroll", "model=mlp-xs", "trainer.steps=2", "trainer.batch_size=16", "eval.num_samples=20",
         "eval.steps=[1]", "eval.grid=false", "trainer.checkpoint_every_steps=2"]
-DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def _train(args, cwd):
-    # a fresh process, as from a shell: not the rendezvous that earlier in-process tests left in os.environ
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV} | {"PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "harness.train", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=600)
+                          cwd=cwd, env=shell_env(), timeout=600)
 
 
 def test_help_lists_groups_choices_and_keys(tmp_path):

@@ -9,13 +9,9 @@ from pathlib import Path
 import pytest
 
 from harness.train.rundir import LOCK_FILE, RunDirError, exclusive
+from processes import shell_env
 
 ROOT = Path(__file__).resolve().parent.parent
-DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-def _env():
-    return {k: v for k, v in os.environ.items() if k not in DIST_ENV} | {"PYTHONPATH": str(ROOT)}
 
 
 def test_second_holder_is_refused_with_the_holder_named(tmp_path):
@@ -33,7 +29,7 @@ def test_lock_of_a_killed_process_is_taken_over(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; from harness.train.rundir import exclusive\n"
         f"with exclusive({str(tmp_path)!r}, 'doomed'):\n    print('held', flush=True); time.sleep(60)")],
-        stdout=subprocess.PIPE, text=True, env=_env())
+        stdout=subprocess.PIPE, text=True, env=shell_env())
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(RunDirError, match="in use by doomed"):
         with exclusive(tmp_path, "me"):
@@ -49,7 +45,7 @@ def test_train_refuses_a_run_directory_in_use_and_writes_nothing(tmp_path):
     with exclusive(run_dir, "another harness.train"):
         proc = subprocess.run([sys.executable, "-m", "harness.train", "data=swissroll", "model=mlp-xs",
                                "trainer.steps=2", f"run_dir={run_dir}"], capture_output=True, text=True,
-                              cwd=tmp_path, env=_env(), timeout=300)
+                              cwd=tmp_path, env=shell_env(), timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {run_dir} is in use by another harness.train (pid")
     assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_FILE]     # no config, metrics or result

@@ -2,7 +2,6 @@
 it reached and a status that says so; the same command then resumes from that step, to the weights of the
 same run never interrupted."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,9 +12,9 @@ import pytest
 import torch
 
 from harness.train.checkpoint import safe_load
+from processes import shell_env
 
 ROOT = Path(__file__).resolve().parent.parent
-DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -24,7 +23,7 @@ def test_signal_checkpoints_and_the_run_resumes_from_there(tmp_path, sig):
     cmd = [sys.executable, "-m", "harness.train", "data=swissroll", "model=mlp-xs", "trainer.steps=1500",
            "trainer.log_every_steps=5", "trainer.checkpoint_every_steps=1000", "eval.num_samples=20",
            "eval.steps=[1]", "eval.grid=false", f"run_dir={run_dir}"]
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV} | {"PYTHONPATH": str(ROOT)}
+    env = shell_env()
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 300

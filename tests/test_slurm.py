@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from launchers.base import RunSpec, StageSpec, execute
+from launchers.base import RENDEZVOUS_ENV, RunSpec, StageSpec, execute
+from processes import shell_env
 from launchers.slurm import SlurmLauncher, SlurmOptionError, _executor_parameters, parse_options
 from launchers.slurm_status import _trace_last_line, is_end
 
@@ -314,7 +315,7 @@ def test_sweep_driver_on_slurm_matches_local_launcher(cluster, tmp_path, monkeyp
     """`python -m harness.sweep SPEC launcher=slurm`: option names pass the spec check, two students
     share one array task (runs_per_task), and every result equals the local launcher's."""
     from harness.sweep.driver import main as sweep
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for var in RENDEZVOUS_ENV:
         monkeypatch.delenv(var, raising=False)   # left by execute() in this process; local workers inherit them
     spec = {"name": "tiny", "base": [*TINY, "trainer.lr=1e-3"], "grid": {"budget_nimg": [640, 960]},
             "stages": [{"name": "edm", "grid": {"budget_nimg": None}, "overrides": ["method=edm", "trainer.steps=20"]},
@@ -357,9 +358,7 @@ def test_hydra_multirun_through_the_submitit_launcher(cluster, tmp_path):
     """`python -m harness.train -m hydra/launcher=submitit_slurm ...`: each job of the grid is a SLURM job
     that trains its run into hydra.sweep.dir/<job number>, and the command waits for them and exits 0."""
     import sys
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                               "MASTER_PORT")}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    env = shell_env()
     proc = subprocess.run([sys.executable, "-m", "harness.train", "-m", "hydra/launcher=submitit_slurm",
                            "hydra.launcher.timeout_min=10", "hydra.launcher.cpus_per_task=1",
                            f"hydra.sweep.dir={tmp_path / 'grid'}", "method=ect,ict", *TINY, "trainer.steps=4"],

@@ -5,7 +5,6 @@ sigma); the optional log-variance head is the shared one in layers.py."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
