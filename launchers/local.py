@@ -58,6 +58,8 @@ def _worker(index: int, tasks, results, threads: int, parent_pid: int, log_dir: 
 
     import torch
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from harness.train.engine import quiet_libraries
+    quiet_libraries()                           # before DeepSpeed's import, which says it falls back to the CPU
     import deepspeed  # noqa: F401  (imported once here, not once per run)
     import harness.train.cli  # noqa: F401
     from harness.train.rundir import first_line
