@@ -1,4 +1,4 @@
-"""`python -m harness.collect RESULTS_DIR [--out DIR] [--metric M] [--target X] [--compute flops|nimg]`
+"""`python -m harness.collect RESULTS_DIR [--out DIR] [--metric M] [--target X] [--compute flops|nimg] [--protocol P]`
 
 Reads every run directory under RESULTS_DIR (harness.analysis.runs), fits power laws per method and NFE
 (harness.analysis.fit: score = K * C^alpha in log-log least squares, C = compute / the smallest budget), and
@@ -18,8 +18,9 @@ writes under --out (default RESULTS_DIR/collected/):
 
 Only final-checkpoint scores enter the fits (a score whose step is the run's last step), one per run,
 metric and NFE: the best EMA's (`ema="best"`, the default: chosen by the selection score of
-harness.eval.select where the runs have one, else by the score itself) or a named EMA's. Same runs,
-same bytes.
+harness.eval.select where the runs have one, else by the score itself) or a named EMA's. Scores are
+each run's own protocol unless --protocol names a re-score's (evaluate-<id>.json) or `all` (reported as
+mixing). A RESULTS_DIR with no run directory is an error. Same runs, same bytes.
 """
 from __future__ import annotations
 
