@@ -1,26 +1,33 @@
-"""Our training steps against a public implementation's, side by side in one run.
+"""Our training steps against the public implementations', side by side in one run.
 
-    python benchmarks/peers.py --ect PATH [--channels 32 64] [--rounds 3] [--steps 30]
+    python benchmarks/peers.py --ect PATH [--fastgen PATH --fastgen-python PY] [--channels 32 64] [--rounds 3]
 
-PATH (or $CMBENCH_ECT) is a checkout of locuslab/ect (github.com/locuslab/ect; `git clone` it anywhere:
-it is read, never copied into this project). The network is the same in both codebases: DDPM++ /
-SongUNet on 1x8x8 digits batches of 128, `channels` wide, multipliers [1, 2], one block per level,
-attention at 4x4, dropout 0.2, positional noise embedding, fp32 (0.749M parameters at 32 channels).
+`--ect` (or $CMBENCH_ECT) is a checkout of locuslab/ect, `--fastgen` ($CMBENCH_FASTGEN) one of NVlabs/FastGen,
+read, never copied into this project. FastGen runs under its own environment (`--fastgen-python`,
+$CMBENCH_FASTGEN_PYTHON), made with the same torch as this project's, so all three run the same kernels:
+
+    python3 -m venv /tmp/fgvenv
+    /tmp/fgvenv/bin/pip install "torch==2.14.1" "numpy<2" "pandas<2.3" diffusers==0.35.1 transformers==4.49.0 \
+        "wandb[media]" boto3 ftfy loguru einops timm imageio webdataset accelerate safetensors scipy hydra-core \
+        tqdm attrs omegaconf av opencv-python-headless sentencepiece nvidia-ml-py
+
+The network is the same in every codebase: DDPM++ / SongUNet on 1x8x8 digits-shaped batches of 128,
+`channels` wide, multipliers [1, 2], one block per level, attention at 4x4, dropout 0.2, positional noise
+embedding, fp32 (about 0.749M parameters at 32 channels in all three).
 
   cmbench ect, sct   harness.train.trainer.Trainer.step: DeepSpeed engine step, the method's loss, the
                      default EDM2 power EMA (what a run pays per step)
-  locuslab/ect ect   its ECMLoss (stage 3 of its schedule) on its ECMPrecond(SongUNet), RAdam at 1e-4,
+  locuslab ect       its ECMLoss (stage 3 of its schedule) on its ECMPrecond(SongUNet), RAdam at 1e-4,
                      the gradient nan_to_num and the EMA update of its training loop (ct_training_loop.py);
                      its dropout-mask replay uses torch.cuda's RNG state, mapped to the CPU generator here
+  fastgen cm, scm    its CMModel (ECT-style) and SCMModel on its EDMPrecond(SongUNet): single_train_step,
+                     backward, optimizers_schedulers_step (as its tests drive them), and one EMA lerp per
+                     parameter, as its EMA callback does
 
 Each (round, width, implementation) is a fresh process with 2 torch threads that times `steps` steps after
 3 untimed ones; the processes of a round run one after another and rounds interleave, so machine noise
 hits every implementation alike. Writes results/bench/peers.json: every round's median step time, the
-ratio ours / peer per round and its median, and the peer's commit.
-
-NVlabs/FastGen (its CM and sCM) is not measured yet: it needs its own environment (numpy < 2, pandas < 2.3,
-diffusers 0.35.1, transformers 4.49.0, wandb, boto3, ftfy, loguru, einops, timm, imageio, webdataset at
-import time) and a driver for its model classes; `--fastgen` says so and exits 2.
+ratios ours / peer per round and their medians, and the peers' commits.
 """
 from __future__ import annotations
 
@@ -39,6 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "results" / "bench" / "peers.json"
 BATCH, WARMUP = 128, 3
 IMPLS = ("cmbench-ect", "locuslab-ect", "cmbench-sct")
+FASTGEN_IMPLS = ("fastgen-cm", "fastgen-scm")
 
 
 def _digits_batch():
@@ -109,21 +117,60 @@ def _locuslab_ect(path: str, channels: int, steps: int) -> dict:
     return {"secs": secs, "params": sum(p.numel() for p in net.parameters())}
 
 
-def child(impl: str, channels: int, steps: int, ect: str) -> dict:
+def _fastgen(path: str, method: str, channels: int, steps: int) -> dict:
+    """FastGen's CM / sCM model driven as its own tests drive it (tests/test_cmmodel.py)."""
+    import torch
+    sys.path.insert(0, path)
+    from fastgen.configs.config_utils import override_config_with_opts
+    if method == "cm":
+        from fastgen.configs.methods.config_cm import ModelConfig
+        from fastgen.methods import CMModel as Model
+    else:
+        from fastgen.configs.methods.config_scm import ModelConfig
+        from fastgen.methods import SCMModel as Model
+    torch.manual_seed(0)
+    config = ModelConfig()
+    config.net = override_config_with_opts(config.net, [
+        "-", "img_resolution=8", "img_channels=1", "label_dim=0", "augment_dim=0", f"model_channels={channels}",
+        "channel_mult=[1,2]", "+num_blocks=1", "+attn_resolutions=[4]", "dropout=0.2"])
+    config.device, config.precision = torch.device("cpu"), "float32"
+    config.pretrained_model_path, config.input_shape = "", [1, 8, 8]
+    model = Model(config)
+    model.on_train_begin()
+    model.init_optimizers()
+    data = {"real": torch.randn(BATCH, 1, 8, 8, generator=torch.Generator().manual_seed(0)), "condition": None,
+            "neg_condition": None}
+    ema = [p for p in model.ema.parameters()] if getattr(model, "ema", None) is not None else []
+
+    def step(i):
+        model.optimizers_zero_grad(i)
+        loss_map, _ = model.single_train_step(data, i)
+        model.grad_scaler.scale(loss_map["total_loss"]).backward()
+        model.optimizers_schedulers_step(i)
+        with torch.no_grad():
+            for p_ema, p_net in zip(ema, model.net.parameters()):
+                p_ema.lerp_(p_net.detach(), 1 - 0.9999)
+    secs = _time(step, steps)
+    return {"secs": secs, "params": sum(p.numel() for p in model.net.parameters())}
+
+
+def child(impl: str, channels: int, steps: int, peer: str) -> dict:
     import torch
     torch.set_num_threads(2)
     if impl == "locuslab-ect":
-        return _locuslab_ect(ect, channels, steps)
+        return _locuslab_ect(peer, channels, steps)
+    if impl.startswith("fastgen-"):
+        return _fastgen(peer, impl.split("-", 1)[1], channels, steps)
     return _cmbench(impl.split("-", 1)[1], channels, steps)
 
 
-def _in_child(impl: str, channels: int, steps: int, ect: str) -> dict:
-    from launchers.base import RENDEZVOUS_ENV
-    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_ENV} | {"PYTHONPATH": str(ROOT),
-                                                                             "OMP_NUM_THREADS": "2"}
+def _in_child(impl: str, channels: int, steps: int, peer: str, python: str = sys.executable) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                                                             "MASTER_ADDR", "MASTER_PORT")}
+    env |= {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
     code = (f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks.peers import child; "
-            f"print('RESULT ' + json.dumps(child({impl!r}, {channels}, {steps}, {ect!r})))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+            f"print('RESULT ' + json.dumps(child({impl!r}, {channels}, {steps}, {peer!r})))")
+    out = subprocess.run([python, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode or not lines:
         raise RuntimeError(f"{impl} ({channels} channels) failed:\n{out.stderr[-3000:]}")
@@ -138,7 +185,9 @@ def _commit(path: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ect", default=os.environ.get("CMBENCH_ECT", ""), help="locuslab/ect checkout")
-    parser.add_argument("--fastgen", default=os.environ.get("CMBENCH_FASTGEN", ""), help="NVlabs/FastGen (not yet)")
+    parser.add_argument("--fastgen", default=os.environ.get("CMBENCH_FASTGEN", ""), help="NVlabs/FastGen checkout")
+    parser.add_argument("--fastgen-python", default=os.environ.get("CMBENCH_FASTGEN_PYTHON", ""),
+                        help="the python of FastGen's own environment (docstring)")
     parser.add_argument("--channels", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=30)
@@ -148,30 +197,42 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --ect PATH (or CMBENCH_ECT) must name a checkout of locuslab/ect with training/loss.py "
               f"(got {args.ect!r}); git clone https://github.com/locuslab/ect PATH", file=sys.stderr)
         return 2
-    if args.fastgen:
-        print("error: the NVlabs/FastGen peer is not measured yet (see this file's docstring); run without "
-              "--fastgen", file=sys.stderr)
+    if args.fastgen and not (Path(args.fastgen) / "fastgen" / "methods" / "consistency_model").is_dir():
+        print(f"error: --fastgen PATH must name a checkout of NVlabs/FastGen (got {args.fastgen!r})", file=sys.stderr)
         return 2
-    medians: dict[str, dict[str, list[float]]] = {str(c): {i: [] for i in IMPLS} for c in args.channels}
+    if args.fastgen and not args.fastgen_python:
+        print("error: --fastgen needs --fastgen-python PY, the python of FastGen's own environment (see this "
+              "file's docstring for the commands that make it)", file=sys.stderr)
+        return 2
+    impls = IMPLS + (FASTGEN_IMPLS if args.fastgen else ())
+    medians: dict[str, dict[str, list[float]]] = {str(c): {i: [] for i in impls} for c in args.channels}
     params: dict[str, dict[str, int]] = {str(c): {} for c in args.channels}
     for r in range(args.rounds):
         for c in args.channels:
-            for impl in IMPLS:
-                got = _in_child(impl, c, args.steps, args.ect)
+            for impl in impls:
+                fastgen = impl.startswith("fastgen-")
+                got = _in_child(impl, c, args.steps, args.fastgen if fastgen else args.ect,
+                                args.fastgen_python if fastgen else sys.executable)
                 medians[str(c)][impl].append(1000 * statistics.median(got["secs"]))
                 params[str(c)][impl] = got["params"]
                 print(f"round {r + 1} channels {c} {impl}: {medians[str(c)][impl][-1]:.1f} ms", flush=True)
     widths = {}
     for c, rows in medians.items():
-        per_round = [a / b for a, b in zip(rows["cmbench-ect"], rows["locuslab-ect"])]
-        widths[c] = {"median_ms_per_round": rows, "params": params[c],
-                     "ect_ratio_to_locuslab_per_round": per_round,
-                     "ect_ratio_to_locuslab": statistics.median(per_round)}
-        print(f"channels {c}: cmbench ECT / locuslab ECT = {widths[c]['ect_ratio_to_locuslab']:.3f} "
-              f"(rounds {', '.join(f'{x:.3f}' for x in per_round)})")
+        widths[c] = {"median_ms_per_round": rows, "params": params[c]}
+        pairs = [("ect_ratio_to_locuslab_ect", "cmbench-ect", "locuslab-ect")]
+        if args.fastgen:
+            pairs += [("ect_ratio_to_fastgen_cm", "cmbench-ect", "fastgen-cm"),
+                      ("sct_ratio_to_fastgen_scm", "cmbench-sct", "fastgen-scm")]
+        for name, ours, theirs in pairs:
+            per_round = [a / b for a, b in zip(rows[ours], rows[theirs])]
+            widths[c][name + "_per_round"] = per_round
+            widths[c][name] = statistics.median(per_round)
+            print(f"channels {c}: {ours} / {theirs} = {widths[c][name]:.3f} "
+                  f"(rounds {', '.join(f'{x:.3f}' for x in per_round)})")
     result = {"widths": widths, "batch": BATCH, "steps_timed": args.steps, "rounds": args.rounds, "threads": 2,
-              "precision": "fp32", "device": "cpu", "peers": {"locuslab/ect": _commit(args.ect)},
-              "not_measured": {"NVlabs/FastGen": "needs its own environment and a driver (docstring)"},
+              "precision": "fp32", "device": "cpu",
+              "peers": {"locuslab/ect": _commit(args.ect),
+                        **({"NVlabs/FastGen": _commit(args.fastgen)} if args.fastgen else {})},
               "torch": __import__("torch").__version__, "machine": platform.machine()}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
