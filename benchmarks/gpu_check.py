@@ -51,10 +51,10 @@ def _tail(text: str, lines: int = 3) -> str:
     return " / ".join(line.strip() for line in text.strip().splitlines()[-lines:])
 
 
-def _train(name: str, tmp: Path, timeout: float, *overrides: str, prefix: tuple[str, ...] = ()) -> dict:
+def _train(name: str, tmp: Path, timeout: float, *overrides: str,
+           command: tuple[str, ...] = (sys.executable, "-m", "harness.train")) -> dict:
     run_dir = tmp / name
-    out = _run([*prefix, *([sys.executable, "-m", "harness.train"] if not prefix else []), *TRAIN, *overrides,
-                f"run_dir={run_dir}"], timeout)
+    out = _run([*command, *TRAIN, *overrides, f"run_dir={run_dir}"], timeout)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] \
         if (run_dir / "metrics.jsonl").exists() else []
     losses = [m["loss"] for m in metrics if "loss" in m]
@@ -152,8 +152,8 @@ def checks(tmp: Path, gpus: int, has_xformers: bool):
     yield "nccl_one_rank", None, lambda t: _train("nccl-1", tmp, t, "method=ect", "launcher.nproc=1")
     yield ("nccl_two_ranks", None if gpus >= 2 else f"needs two GPUs ({gpus} here)",
            lambda t: _train("nccl-2", tmp, t, "method=ect", "trainer.batch_size=128",
-                            prefix=(sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                    "--nproc_per_node=2", "-m", "harness.train")))
+                            command=(sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                     "--nproc_per_node=2", "-m", "harness.train")))
     yield "step_cost", None, lambda t: _script(["benchmarks/step_cost.py", "--device", "cuda", "--steps", "10"], t)
     yield "smoke_sweep", None, lambda t: _script(["-m", "harness.sweep", "sweeps/smoke.yaml", f"out={tmp / 'sweeps'}",
                                                   "trainer.device=cuda"], t)

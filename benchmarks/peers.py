@@ -165,8 +165,8 @@ def child(impl: str, channels: int, steps: int, peer: str) -> dict:
 
 
 def _in_child(impl: str, channels: int, steps: int, peer: str, python: str = sys.executable) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
-                                                             "MASTER_ADDR", "MASTER_PORT")}
+    from launchers.base import RENDEZVOUS_ENV
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_ENV}
     env |= {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
     code = (f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks.peers import child; "
             f"print('RESULT ' + json.dumps(child({impl!r}, {channels}, {steps}, {peer!r})))")

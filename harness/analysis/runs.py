@@ -110,16 +110,30 @@ def _read_text(path: Path) -> str | None:
     """A regular file's text (None when absent). Anything else (a FIFO, a device, a directory) or a file
     over MAX_FILE_BYTES is an OSError rather than a read that blocks or fills memory."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        fh = _open_regular(path)
     except FileNotFoundError:
         return None
-    with os.fdopen(fd, "rb") as fh:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise OSError(f"not a regular file ({_file_kind(info.st_mode)})")
+    with fh:
+        info = os.fstat(fh.fileno())
         if info.st_size > MAX_FILE_BYTES:
             raise OSError(f"{info.st_size} bytes, more than the {MAX_FILE_BYTES} a run's file may have")
         return fh.read(MAX_FILE_BYTES + 1).decode("utf-8")
+
+
+class NotRegularFile(OSError):
+    """A run's file that is a FIFO, a device, a directory, ...: never read."""
+
+
+def _open_regular(path: Path):
+    """Open for binary reading without blocking (a FIFO would wait for a writer forever); OSError naming
+    the kind of anything but a regular file."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    fh = os.fdopen(fd, "rb")
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        fh.close()
+        raise NotRegularFile(f"not a regular file ({_file_kind(mode)})")
+    return fh
 
 
 def _file_kind(mode: int) -> str:
@@ -160,10 +174,7 @@ def _read_config(path: Path) -> tuple[dict | None, str | None]:
 
 def _last_logged_step(path: Path) -> str:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-        with os.fdopen(fd, "rb") as fh:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return ", metrics.jsonl is not a regular file"
+        with _open_regular(path) as fh:
             fh.seek(0, os.SEEK_END)
             fh.seek(max(0, fh.tell() - 4096))
             lines = fh.read().decode("utf-8", "replace").splitlines()
@@ -172,6 +183,8 @@ def _last_logged_step(path: Path) -> str:
                 return f", last logged step {int(json.loads(line)['step'])}"
             except (ValueError, KeyError, TypeError):
                 continue
+    except NotRegularFile:
+        return ", metrics.jsonl is not a regular file"
     except OSError:
         pass
     return ", nothing logged yet"

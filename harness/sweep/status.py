@@ -10,6 +10,7 @@ from typing import TextIO
 
 from harness.sweep.spec import PlannedRun, format_value
 from harness.train.rundir import is_end, read_result, read_status
+from harness.train.watch import clock
 
 BAR_WIDTH = 30
 
@@ -55,11 +56,6 @@ def counts(status: dict[str, str]) -> dict[str, int]:
     return out
 
 
-def _clock(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
 def done_flops(runs: list[PlannedRun], status: dict[str, str]) -> float:
     """Estimated training FLOPs done (PlannedRun.flops_est, from counted forward FLOPs): all of an ended
     run's, the logged fraction of a running one's."""
@@ -79,12 +75,12 @@ def progress_line(status: dict[str, str], elapsed_sec: float, flops: tuple[float
     c = counts(status)
     done = c["completed"] + c["failed"]
     line = (f"{bar(done, len(status))} {done}/{len(status)}  completed {c['completed']}  failed {c['failed']}  "
-            f"running {c['running']}  queued {c['queued']}  elapsed {_clock(elapsed_sec)}")
+            f"running {c['running']}  queued {c['queued']}  elapsed {clock(elapsed_sec)}")
     if flops is not None:
         start, now, total = flops
         rate = (now - start) / elapsed_sec if elapsed_sec > 0 else 0.0
         line += f"  {rate / 1e9:.3g} GFLOP/s" if rate > 0 else ""
-        line += f"  ETA {_clock((total - now) / rate)}" if rate > 0 else f"  {(total - now) / 1e12:.3g} TFLOP to go"
+        line += f"  ETA {clock((total - now) / rate)}" if rate > 0 else f"  {(total - now) / 1e12:.3g} TFLOP to go"
     return line
 
 

@@ -124,10 +124,12 @@ def load_run_net(run_dir: str, ema_name: str, data: DictConfig,
     return emas[name], other.model
 
 
-def _fresh_head(mine: dict[str, tuple], theirs: dict[str, tuple], source: str) -> set[str]:
-    """Check that weights of shapes `theirs` fit a network of shapes `mine` (ValueError, one line); the
-    keys of a log-variance head only `mine` has (a source without one, e.g. a teacher for sCT, leaves
-    this run's new head at its init)."""
+def _fresh_head(mine_state: dict[str, torch.Tensor], their_state: dict[str, torch.Tensor], source: str) -> set[str]:
+    """Check that the weights `their_state` fit a network whose state dict is `mine_state` (ValueError, one
+    line); the keys of a log-variance head only `mine_state` has (a source without one, e.g. a teacher for
+    sCT, leaves this run's new head at its init)."""
+    mine = {k: tuple(v.shape) for k, v in mine_state.items()}
+    theirs = {k: tuple(v.shape) for k, v in their_state.items()}
     fresh_head = {k for k in set(mine) - set(theirs) if k.startswith("logvar_head.")}
     if {k: s for k, s in mine.items() if k not in fresh_head} != theirs:
         diff = sorted(set(mine.items()) ^ set(theirs.items()))[0]
@@ -142,14 +144,12 @@ def check_init_fits(cfg: DictConfig, source_model: DictConfig) -> None:
     shape, classes = data_shape(cfg.data)
     with torch.device("meta"):
         mine, theirs = (build_net(m, shape, classes).state_dict() for m in (cfg.model, source_model))
-    _fresh_head({k: tuple(v.shape) for k, v in mine.items()}, {k: tuple(v.shape) for k, v in theirs.items()},
-                cfg.init_from)
+    _fresh_head(mine, theirs, cfg.init_from)
 
 
 def load_weights(net: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
     """Load another run's weights, refusing (in one line) a network of another shape."""
-    fresh_head = _fresh_head({k: tuple(v.shape) for k, v in net.state_dict().items()},
-                             {k: tuple(v.shape) for k, v in weights.items()}, source)
+    fresh_head = _fresh_head(net.state_dict(), weights, source)
     if fresh_head:
         log.info("%s has no log-variance head: this run's starts at its initialization", source)
     net.load_state_dict(weights, strict=not fresh_head)
@@ -400,9 +400,10 @@ class Trainer:
                 error = f"evaluation failed: {type(exc).__name__}: {exc}"
             for r in records:
                 self.run.log({"step": self.counters.step, **{f"eval/{k}": v for k, v in r.items()}})
+            grids = sorted(self.run.path.glob("samples_*.png")) if final and self.loggers else []
             for logger in self.loggers:
                 logger.scalars(self.counters.step, {score_tag(r): r["value"] for r in records})
-                for png in sorted(self.run.path.glob("samples_*.png")) if final else []:
+                for png in grids:
                     logger.image(f"samples/{png.stem}", png, self.counters.step)
             self.console.scored(records)
             if not final:

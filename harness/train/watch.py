@@ -99,7 +99,8 @@ def build_loggers(log_cfg, run_dir: Path, config: dict, config_text: str) -> lis
     return loggers
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
+    """h:mm:ss of a duration (negative: 0), for progress lines here and in the sweep's status."""
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
@@ -131,8 +132,8 @@ class Console:
         parts = [f"step {step}/{self.total}", f"loss {record.get('loss', float('nan')):.4g}"]
         if main_scalar and main_scalar in record:
             parts.append(f"{main_scalar} {record[main_scalar]:.4g}")
-        parts += [f"{record.get('time/images_per_sec', 0.0):.0f} img/s", f"elapsed {_clock(elapsed)}",
-                  f"ETA {_clock(eta)}"]
+        parts += [f"{record.get('time/images_per_sec', 0.0):.0f} img/s", f"elapsed {clock(elapsed)}",
+                  f"ETA {clock(eta)}"]
         if self.latest_score:
             parts.append(self.latest_score)
         return " | ".join(parts)
