@@ -54,7 +54,7 @@ def _tail(text: str, lines: int = 3) -> str:
 def _train(name: str, tmp: Path, timeout: float, *overrides: str,
            command: tuple[str, ...] = (sys.executable, "-m", "harness.train")) -> dict:
     run_dir = tmp / name
-    out = _run([*command, *TRAIN, *overrides, f"run_dir={run_dir}"], timeout)
+    out = _run([*command, *TRAIN, *overrides, "--out", str(run_dir)], timeout)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] \
         if (run_dir / "metrics.jsonl").exists() else []
     losses = [m["loss"] for m in metrics if "loss" in m]
@@ -155,7 +155,7 @@ def checks(tmp: Path, gpus: int, has_xformers: bool):
                             command=(sys.executable, "-m", "torch.distributed.run", "--standalone",
                                      "--nproc_per_node=2", "-m", "harness.train")))
     yield "step_cost", None, lambda t: _script(["benchmarks/step_cost.py", "--device", "cuda", "--steps", "10"], t)
-    yield "smoke_sweep", None, lambda t: _script(["-m", "harness.sweep", "sweeps/smoke.yaml", f"out={tmp / 'sweeps'}",
+    yield "smoke_sweep", None, lambda t: _script(["-m", "harness.sweep", "sweeps/smoke.yaml", "--out", str(tmp / 'sweeps'),
                                                   "trainer.device=cuda"], t)
 
 

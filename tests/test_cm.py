@@ -343,7 +343,7 @@ def test_cd_teacher_on_other_data_is_refused_before_training(tmp_path):
         check_source_run(str(teacher_dir), digits)
     student = tmp_path / "student"
     proc = subprocess.run([sys.executable, "-m", "harness.train", "method=cd", f"teacher={teacher_dir}",
-                           f"run_dir={student}"], capture_output=True, text=True, timeout=300,
+                           "--out", str(student)], capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).resolve().parent.parent)
     assert proc.returncode == 2 and not student.exists()
     assert proc.stderr.strip().splitlines()[-1] == \

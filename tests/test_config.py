@@ -54,7 +54,7 @@ def test_fp16_on_cpu_is_refused_not_downgraded():
 
 def test_cli_error_writes_nothing(tmp_path):
     run_dir = tmp_path / "never"
-    proc = subprocess.run([sys.executable, "-m", "harness.train", "method=nope", f"run_dir={run_dir}"],
+    proc = subprocess.run([sys.executable, "-m", "harness.train", "method=nope", "--out", str(run_dir)],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -91,7 +91,7 @@ def test_ect_cifar10_recipe_is_table_7(cifar10_stub):
 
 def test_cli_init_from_must_be_a_finished_run(tmp_path):
     run_dir, source = tmp_path / "never", tmp_path / "missing"
-    proc = subprocess.run([sys.executable, "-m", "harness.train", f"init_from={source}", f"run_dir={run_dir}"],
+    proc = subprocess.run([sys.executable, "-m", "harness.train", f"init_from={source}", "--out", str(run_dir)],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()

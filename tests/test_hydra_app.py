@@ -64,7 +64,7 @@ def test_multirun_grid_into_default_and_hydra_named_directories(tmp_path):
     assert sorted(p.name for p in (tmp_path / "runs").iterdir() if p.is_file()) == ["multirun.yaml"]
     assert not list(tmp_path.rglob(".hydra"))
 
-    proc = _train(["-m", "method=ect,ict", *TINY, "hydra.sweep.dir=grid"], tmp_path)
+    proc = _train(["-m", "method=ect,ict", *TINY, "--out", "grid"], tmp_path)     # = hydra.sweep.dir=grid
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "grid").iterdir()) == ["0", "1", "multirun.yaml"]
     names = [json.loads((tmp_path / "grid" / n / "config.json").read_text())["method"]["name"] for n in "01"]
@@ -72,13 +72,20 @@ def test_multirun_grid_into_default_and_hydra_named_directories(tmp_path):
     assert "grid/1: completed" in proc.stdout
 
 
-def test_single_run_into_hydra_run_dir_and_conflicts(tmp_path):
-    proc = _train([*TINY, "hydra.run.dir=out/one"], tmp_path)
+def test_single_run_into_out_or_hydra_run_dir_and_conflicts(tmp_path):
+    proc = _train([*TINY, "--out", "out/one"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((tmp_path / "out/one/result.json").read_text())["status"] == "completed"
-    proc = _train([*TINY, "run_dir=a", "hydra.run.dir=b"], tmp_path)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
-        "error: run_dir= and hydra.run.dir= both name the output; give one")
+    assert proc.stdout.startswith("out/one: completed")
+    proc = _train([*TINY, "hydra.run.dir=out/two"], tmp_path)     # Hydra's own spelling works too
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "out/two/result.json").read_text())["status"] == "completed"
+    for args, error in ((["--out", "a", "hydra.run.dir=b"], "--out and hydra.run.dir= both name the output; give one"),
+                        (["--out", "a", "--out=b"], "--out given 2 times (a, b); give one"),
+                        (["--out"], "--out needs a directory: --out DIR"),
+                        (["run_dir=a"], "the run directory is given as --out DIR, not run_dir=")):
+        proc = _train([*TINY, *args], tmp_path)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"error: {error}"], (args, proc.stderr)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 

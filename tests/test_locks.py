@@ -44,7 +44,7 @@ def test_train_refuses_a_run_directory_in_use_and_writes_nothing(tmp_path):
     run_dir = tmp_path / "run"
     with exclusive(run_dir, "another harness.train"):
         proc = subprocess.run([sys.executable, "-m", "harness.train", "data=swissroll", "model=mlp-xs",
-                               "trainer.steps=2", f"run_dir={run_dir}"], capture_output=True, text=True,
+                               "trainer.steps=2", "--out", str(run_dir)], capture_output=True, text=True,
                               cwd=tmp_path, env=shell_env(), timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {run_dir} is in use by another harness.train (pid")
@@ -57,7 +57,7 @@ def test_sweep_driver_refuses_a_sweep_directory_in_use(tmp_path, capsys):
     spec.write_text("name: tiny\nbase: [data=swissroll, model=mlp-xs, trainer.steps=2]\n"
                     "stages:\n  - {name: s, overrides: [method=ect]}\nlauncher: {name: local}\n")
     with exclusive(tmp_path / "out" / "tiny", "harness.sweep tiny"):
-        assert main([str(spec), f"out={tmp_path / 'out'}"]) == 2
+        assert main([str(spec), "--out", str(tmp_path / 'out')]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"error: {tmp_path / 'out' / 'tiny'} is in use by harness.sweep tiny (pid")
     assert sorted(p.name for p in (tmp_path / "out" / "tiny").iterdir()) == [LOCK_FILE]

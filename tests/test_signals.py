@@ -22,7 +22,7 @@ def test_signal_checkpoints_and_the_run_resumes_from_there(tmp_path, sig):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "harness.train", "data=swissroll", "model=mlp-xs", "trainer.steps=1500",
            "trainer.log_every_steps=5", "trainer.checkpoint_every_steps=1000", "eval.num_samples=20",
-           "eval.steps=[1]", "eval.grid=false", f"run_dir={run_dir}"]
+           "eval.steps=[1]", "eval.grid=false", "--out", str(run_dir)]
     env = shell_env()
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
@@ -48,7 +48,7 @@ def test_signal_checkpoints_and_the_run_resumes_from_there(tmp_path, sig):
     assert steps == sorted(set(steps)) and steps[-1] == 1500
     # ... to the weights of the same run never interrupted (no step lost or applied twice)
     straight = tmp_path / "straight"
-    done = subprocess.run([*cmd[:-1], f"run_dir={straight}"], cwd=tmp_path, env=env, capture_output=True,
+    done = subprocess.run([*cmd[:-2], "--out", str(straight)], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     for name in ("harness.pt", "engine/mp_rank_00_model_states.pt"):

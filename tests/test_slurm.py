@@ -324,8 +324,8 @@ def test_sweep_driver_on_slurm_matches_local_launcher(cluster, tmp_path, monkeyp
                          "slurm": {"time": 10, "runs_per_task": 2, "max_requeue": 1}}}
     path = tmp_path / "tiny.yaml"
     path.write_text(json.dumps(spec))                       # JSON is YAML
-    assert sweep([str(path), f"out={tmp_path / 'slurm'}", "launcher=slurm"]) == 0
-    assert sweep([str(path), f"out={tmp_path / 'local'}", "launcher=local"]) == 0
+    assert sweep([str(path), "--out", str(tmp_path / 'slurm'), "launcher=slurm"]) == 0
+    assert sweep([str(path), "--out", str(tmp_path / 'local'), "launcher=local"]) == 0
 
     def results(out: Path) -> dict:
         manifest = json.loads((out / "tiny" / "sweep.json").read_text())

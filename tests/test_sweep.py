@@ -122,6 +122,17 @@ def test_command_line_edits(tmp_path):
                                            "grid.seed=[0]", "eval.num_samples=50"])
     assert sweep.launcher["name"] == "slurm" and sweep.launcher["local"]["workers"] == 3
     assert len(runs) == 1 + 2 + 2 and all("eval.num_samples=50" in r.overrides for r in runs)
+    for edit in ("out=elsewhere", "run_dir=elsewhere"):     # the output is spelled --out DIR by every command
+        with pytest.raises(SpecError, match=f"override '{edit}': the sweep's directory is given as --out DIR"):
+            _expand(tmp_path, edits=[edit])
+
+
+def test_out_moves_the_whole_sweep(tmp_path):
+    sweep, runs = _expand(tmp_path)
+    moved, extra = load_spec(_spec(tmp_path), [], out=str(tmp_path / "moved"))
+    assert sweep.out_dir == tmp_path / "out" / "demo" and moved.out_dir == tmp_path / "moved" / "demo"
+    assert [r.run_dir for r in expand(moved, extra)] == [r.run_dir.replace(str(sweep.out_dir), str(moved.out_dir))
+                                                         for r in runs]
 
 
 BAD = {
@@ -172,7 +183,7 @@ def test_shipped_specs_expand(spec, capsys, tmp_path, monkeypatch):
         (tmp_path / name).touch()
     monkeypatch.setenv("CIFAR10_PATH", str(tmp_path / "cifar-10-python.tar.gz"))
     monkeypatch.setenv("LPIPS_WEIGHTS", str(tmp_path))
-    sweep, extra = load_spec(str(ROOT / "sweeps" / f"{spec}.yaml"), ["out=/nonexistent/out"])
+    sweep, extra = load_spec(str(ROOT / "sweeps" / f"{spec}.yaml"), [], out="/nonexistent/out")
     runs = expand(sweep, extra)
     assert runs and len({r.run_id for r in runs}) == len(runs)
     if spec == "recipes_digits":         # every method x 2 learning rates x 2 budgets x 3 seeds, two teachers
@@ -188,7 +199,7 @@ def test_shipped_specs_expand(spec, capsys, tmp_path, monkeypatch):
         assert all("eval.selection=true" in r.overrides for r in runs if r.method not in ("edm", "trigflow"))
     elif spec not in ("smoke", "recipes_digits"):   # every method at 3 sizes x 3 budgets, plus the teachers
         assert len(runs) == 8 * 3 * 3 + 2 * 3
-    assert main([str(ROOT / "sweeps" / f"{spec}.yaml"), "--dry-run", "out=/nonexistent/out"]) == 0
+    assert main([str(ROOT / "sweeps" / f"{spec}.yaml"), "--dry-run", "--out", "/nonexistent/out"]) == 0
     assert "estimated compute" in capsys.readouterr().out
 
 

@@ -78,9 +78,8 @@ def _latex_strip(text: str) -> str:
 
 @pytest.mark.parametrize("paper", PAPERS)
 def test_latex_shape_and_same_numbers(paper, tmp_path):
-    out = tmp_path / "t.tex"
-    assert tables.main(["--paper", paper, "--latex", "--out", str(out)]) == 0
-    tex = out.read_text()
+    assert tables.main(["--paper", paper, "--latex", "--out", str(tmp_path / "paper")]) == 0
+    tex = (tmp_path / "paper" / f"tables-{paper}.tex").read_text()
     md = tables.render(paper)
     depth = 0
     for ch in _latex_strip(tex):  # braces balance and never close an unopened group
@@ -160,17 +159,28 @@ def test_measured_columns_per_nfe_and_filters():
     assert tables.measure(TABLES["ect_table5_cifar10_cond"], df).labels == []  # FD_DINOv2 table, FID runs
 
 
-def test_runs_option_through_a_stub_collector(tmp_path, monkeypatch, capsys):
-    stub = types.ModuleType("harness.analysis.collect")
-    stub.load_runs = lambda root: (synthetic_df(), [])
-    monkeypatch.setitem(sys.modules, "harness.analysis.collect", stub)
-    assert tables.main(["--paper", "ect", "--runs", str(tmp_path)]) == 0
+def test_results_dir_through_a_stub_collector(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("harness.analysis.collect.load_runs", lambda root: (synthetic_df(), []))
+    assert tables.main([str(tmp_path), "--paper", "ect"]) == 0
     out = capsys.readouterr().out
     rows = _md_rows(_section(out, "ECT Table 1: CIFAR-10 (unconditional)"))
     assert rows[0][-1] == "cmbench fid" and rows[20][1:] == ["ECM (400k iters)", "2.11", "2", "3.00"]
     assert "_cmbench runs with no matching paper table: digits/digits_fd, imagenet64/fid_" in out  # ECT's ImageNet: cond
-    assert tables.main(["--paper", "ect", "--runs", str(tmp_path / "nope")]) == 2
-    assert capsys.readouterr().err.strip() == f"harness.analysis.tables: --runs: '{tmp_path / 'nope'}' is not a directory of run directories"
+    assert tables.main([str(tmp_path / "nope"), "--paper", "ect"]) == 2
+    assert capsys.readouterr().err.strip() == (f"harness.analysis.tables: RESULTS_DIR '{tmp_path / 'nope'}' is not "
+                                               f"a directory of run directories")
+
+
+def test_out_is_a_directory_as_for_every_command(tmp_path, capsys):
+    assert tables.main(["--paper", "ect", "--out", str(tmp_path / "t")]) == 0
+    assert capsys.readouterr().out == f"wrote {tmp_path / 't' / 'tables-ect.md'}\n"
+    assert (tmp_path / "t" / "tables-ect.md").read_text() == tables.render("ect")
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["tables-ect.md"]     # no temporary left
+    for file_like in (tmp_path / "t" / "tables-ect.md", tmp_path / "paper_tables.tex"):
+        assert tables.main(["--paper", "ect", "--out", str(file_like)]) == 2
+        assert capsys.readouterr().err.strip() == ("harness.analysis.tables: --out names a directory (tables-<paper>.md "
+                                                   f"is written in it), not a file: '{file_like}'")
+    assert not (tmp_path / "paper_tables.tex").exists()
 
 
 def _run_dir(root: Path, name: str, method: str, scores: list[tuple[int, float]], status="completed", variant=None):
@@ -185,11 +195,10 @@ def _run_dir(root: Path, name: str, method: str, scores: list[tuple[int, float]]
 
 
 def test_runs_option_with_the_collector_on_run_directories(tmp_path, capsys):
-    pytest.importorskip("harness.analysis.collect", reason="harness.analysis.collect.load_runs not written yet")
     _run_dir(tmp_path, "ect-a", "ect", [(1, 4.25), (2, 2.5)])
     _run_dir(tmp_path, "gcm-vu", "gcm", [(1, 3.125), (2, 2.75)], variant="vu")
     _run_dir(tmp_path, "ict-failed", "ict", [(1, 1.0)], status="failed: out of memory")
-    assert tables.main(["--paper", "gcm", "--runs", str(tmp_path)]) == 0
+    assert tables.main([str(tmp_path), "--paper", "gcm"]) == 0
     rows = _md_rows(_section(capsys.readouterr().out, "GCM Table 4"))
     by = {(r[1], r[3]): r[4] for r in rows[1:]}
     assert rows[0][-1] == "cmbench fid"

@@ -1,8 +1,9 @@
 """The papers' tables in their own layout, with this harness's measured numbers in added columns.
 
-    python -m harness.tables --paper ect|stable_ct|scm|gcm|cm|all [--runs DIR] [--latex] [--out FILE]
+    python -m harness.tables [RESULTS_DIR] --paper ect|stable_ct|scm|gcm|cm|all [--latex] [--out DIR]
 
-Tables come from results/reference/ (harness.analysis.reference). With --runs, the collector's DataFrame
+Tables come from results/reference/ (harness.analysis.reference); printed, or with --out written to
+DIR/tables-<paper>.md (.tex with --latex). With RESULTS_DIR, the collector's DataFrame
 (harness.analysis.collect.load_runs) is matched to each table by dataset, metric, class conditioning, the row's
 method (registry name) and NFE; each cmbench cell is the lowest final-checkpoint score over the
 matching runs and their EMAs. Measured methods a table does not list get added rows 'cmbench: <method>'.
@@ -272,37 +273,48 @@ def _unmatched(df, used: set, latex: bool) -> str:
 
 
 def _load_runs(runs: str):
-    try:
-        from harness.analysis.collect import load_runs
-    except ImportError as exc:
-        raise SystemExit(f"harness.analysis.tables: --runs needs harness.analysis.collect.load_runs, which is not importable ({exc})")
+    from harness.analysis.collect import load_runs
     if not Path(runs).is_dir():
-        raise ReferenceError(f"--runs: '{runs}' is not a directory of run directories")
+        raise ReferenceError(f"RESULTS_DIR '{runs}' is not a directory of run directories")
     df, _problems = load_runs(runs)
     return df
 
 
+def _out_file(out: str, paper: str, latex: bool) -> Path:
+    """--out names a directory (every command's --out does); the table file is named by the paper."""
+    path = Path(out)
+    if path.is_file() or (not path.exists() and path.suffix in (".md", ".tex", ".txt")):
+        raise ReferenceError(f"--out names a directory (tables-<paper>.md is written in it), not a file: '{out}'")
+    return path / f"tables-{paper}.{'tex' if latex else 'md'}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.tables", description=__doc__.splitlines()[0])
+    parser.add_argument("results_dir", nargs="?", default=None,
+                        help="directory of run directories whose scores are added (as for harness.collect)")
     parser.add_argument("--paper", default="all", help=f"one of {', '.join(PAPERS)}, all")
-    parser.add_argument("--runs", default=None, help="results directory of run directories (harness.analysis.collect)")
     parser.add_argument("--latex", action="store_true", help="write LaTeX instead of Markdown")
-    parser.add_argument("--out", default=None, help="write to this file instead of stdout")
+    parser.add_argument("--out", metavar="DIR", default=None,
+                        help="write DIR/tables-<paper>.md (.tex) instead of printing")
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     args = parser.parse_args(argv)
     if args.paper not in (*PAPERS, "all"):
         print(f"harness.analysis.tables: unknown --paper '{args.paper}'; valid: {', '.join(PAPERS)}, all", file=sys.stderr)
         return 2
     try:
-        df = _load_runs(args.runs) if args.runs else None
+        out = _out_file(args.out, args.paper, args.latex) if args.out else None
+        df = _load_runs(args.results_dir) if args.results_dir else None
         text = render(args.paper, df, args.latex)
     except ReferenceError as exc:
         print(f"harness.analysis.tables: {exc}", file=sys.stderr)
         return 2
-    if args.out:
-        Path(args.out).write_text(text)
-    else:
+    if out is None:
         sys.stdout.write(text)
+        return 0
+    from harness.train.rundir import atomic_write_text
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, text)
+    print(f"wrote {out}")
     return 0
 
 

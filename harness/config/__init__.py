@@ -218,13 +218,15 @@ def help_text() -> str:
     """`python -m harness.train --help`: the groups with their choices, then the composed config."""
     lines = ["harness.train: train one run (or, with -m, a grid of runs) into its run directory.",
              "Running the same command again resumes it, or reports its result when it completed.",
-             "", "Usage: python -m harness.train [group=option ...] [key=value ...] [-m] [--cfg job|--info|...]",
+             "", "Usage: python -m harness.train [group=option ...] [key=value ...] [--out DIR] [-m]",
+             "       [--cfg job | --info | --help | --version]",
              "", "== Config groups (group=option) =="]
     for group, options in group_choices().items():
         lines.append(f"{group}: {', '.join(options)}")
     lines += ["", "preset=auto follows the dataset; recipe=NAME is a paper setup (harness/config/recipe/).",
-              "Output: run_dir=DIR, or Hydra's hydra.run.dir=DIR (-m: hydra.sweep.dir=DIR, one sub-folder per",
-              "job: hydra.sweep.subdir, default the job's number); neither = runs/<method>-<model>-<data>-<hash>.",
+              "Output: --out DIR, the run directory (-m: one sub-folder per job, named by hydra.sweep.subdir,",
+              "default the job's number); Hydra's hydra.run.dir= / hydra.sweep.dir= also work; none given:",
+              "runs/<method>-<model>-<data>-<hash>.",
               "", "== Config (key=value; shown with the overrides given) ==", "$CONFIG",
               "Hydra's own options: --hydra-help"]
     return "\n".join(lines)

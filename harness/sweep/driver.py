@@ -1,12 +1,13 @@
-"""`python -m harness.sweep SPEC.yaml [key=value ...] [--dry-run | --status] [--retry-failed]`
+"""`python -m harness.sweep SPEC.yaml [key=value ...] [--out DIR] [--dry-run | --status] [--retry-failed]`
 
 Expands a sweep spec (format: harness/sweep/spec.py) into runs with stable ids, writes the sweep manifest
 (`<out>/<name>/sweep.json`), dispatches the runs through the spec's launcher (local | slurm | auto),
 shows their status live, waits, and collects the results (harness.analysis.collect: fits, tables, plots).
 Re-running the same command after any interruption skips completed runs and resumes interrupted ones
 from their last checkpoint; failed runs stay failed unless `--retry-failed` is given.
-Command-line `key=value`s: `launcher=NAME`, `launcher.local.workers=N`, `launcher.slurm.OPTION=V`,
-`out=DIR`, `name=NAME` and `grid.KEY=[...]` edit the spec; every other one is added to every run.
+`--out DIR` replaces the spec's `out` (the sweep writes `<out>/<name>/`). Command-line `key=value`s:
+`launcher=NAME`, `launcher.local.workers=N`, `launcher.slurm.OPTION=V`, `name=NAME` and `grid.KEY=[...]`
+edit the spec; every other one is added to every run.
 """
 from __future__ import annotations
 
@@ -207,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.sweep", description=__doc__.splitlines()[0])
     parser.add_argument("spec", help="sweep spec YAML (sweeps/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="key=value: spec edits or overrides of every run")
+    parser.add_argument("--out", metavar="DIR", default=None, help="the sweep writes DIR/<name>/ (default: the spec's out)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="print the plan and the estimated compute")
     mode.add_argument("--status", action="store_true", help="report each run's state; submit nothing")
@@ -215,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     from launchers import LauncherError, resolve_name
     try:
-        sweep, extra = load_spec(args.spec, args.overrides)
+        sweep, extra = load_spec(args.spec, args.overrides, args.out)
         runs = expand(sweep, extra)              # every run's config composed and checked before any work
         launcher_name = resolve_name(sweep.launcher["name"])
     except (ConfigError, LauncherError) as exc:

@@ -161,7 +161,7 @@ def _number(value: Any) -> float | int | None:
 
 def apply_cli(spec: dict, edits: list[str]) -> tuple[dict, list[str]]:
     """Split command-line overrides (Hydra's override grammar) into spec edits (launcher=,
-    launcher.local.workers=, out=, name=, grid.KEY=[...] or grid.KEY=a,b) and run overrides (everything
+    launcher.local.workers=, name=, grid.KEY=[...] or grid.KEY=a,b) and run overrides (everything
     else, applied to every run after the spec's)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
@@ -186,8 +186,11 @@ def apply_cli(spec: dict, edits: list[str]) -> tuple[dict, list[str]]:
             if len(rest) != 1:
                 raise SpecError(f"override '{item}': use launcher.{section}.OPTION=VALUE")
             spec.setdefault("launcher", {}).setdefault(section, {})[rest[0]] = value
-        elif key in ("out", "name"):
+        elif key == "name":
             spec[key] = str(value)
+        elif key in ("out", "run_dir"):   # one spelling for every command's output: --out DIR
+            raise SpecError(f"override '{item}': the sweep's directory is given as --out DIR; each run's is "
+                            f"<out>/<name>/<stage>/<run id>")
         elif key.startswith("grid."):
             spec.setdefault("grid", {})[key[5:]] = value if isinstance(value, list) else [value]
         else:
@@ -308,8 +311,9 @@ def parse_spec(spec: Any, where: str = "sweep spec") -> Sweep:
                  str(spec.get("description", "")), spec)
 
 
-def load_spec(path: str, edits: list[str] = ()) -> tuple[Sweep, list[str]]:
-    """Read a spec file, apply command-line edits; returns the sweep and the per-run overrides."""
+def load_spec(path: str, edits: list[str] = (), out: str | None = None) -> tuple[Sweep, list[str]]:
+    """Read a spec file, apply command-line edits (and `--out`, the spec's `out`); returns the sweep and
+    the per-run overrides."""
     try:
         raw = yaml.safe_load(Path(path).read_text())
     except OSError as exc:
@@ -319,6 +323,8 @@ def load_spec(path: str, edits: list[str] = ()) -> tuple[Sweep, list[str]]:
     if not isinstance(raw, dict):
         raise SpecError(f"sweep spec {path} is not a mapping")
     raw, extra = apply_cli(raw, list(edits))
+    if out is not None:
+        raw["out"] = out
     return parse_spec(raw, f"sweep spec {path}"), extra
 
 

@@ -1,6 +1,6 @@
 """`python -m harness.train method=ect model=unet-s data=digits trainer.steps=200 ...`, a Hydra application.
 
-Trains one run into its run directory; running the same command again resumes it (or, when it already
+Trains one run into its run directory (`--out DIR`); running the same command again resumes it (or, when it already
 completed, reports its result). `-m` runs a grid (`method=ect,ict`; Hydra's basic launcher here,
 `hydra/launcher=submitit_slurm` on SLURM); `--help`, `--cfg job`, `--info` and shell completion are Hydra's.
 Every job is composed and checked before Hydra starts any, so bad input is one line and writes nothing.
@@ -182,6 +182,34 @@ _VALUE_FLAGS = ("-p", "--package", "-cp", "--config-path", "-cn", "--config-name
 _exit_codes: list[int] = []   # one per job the Hydra app ran in this process
 
 
+def _out_to_override(argv: list[str]) -> list[str]:
+    """`--out DIR` (every command's spelling of where it writes) as the override it stands for: the run
+    directory (`run_dir=DIR`); with -m, the folder of the grid's run directories (`hydra.sweep.dir=DIR`,
+    one sub-folder per job). The config key run_dir is not given on the command line: one spelling."""
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    out, rest, it = [], [], iter(argv)
+    for arg in it:
+        if arg == "--out":
+            value = next(it, "")
+            if not value or value.startswith("-"):
+                raise ConfigError("--out needs a directory: --out DIR")
+            out.append(value)
+        elif arg.startswith("--out="):
+            out.append(arg.split("=", 1)[1])
+        elif arg.lstrip("+").startswith("run_dir="):
+            raise ConfigError(f"the run directory is given as --out DIR, not {arg.lstrip('+').split('=')[0]}=")
+        else:
+            rest.append(arg)
+    if len(out) > 1:
+        raise ConfigError(f"--out given {len(out)} times ({', '.join(out)}); give one")
+    if out:
+        hydra_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+        if any(a.split("=", 1)[0] == hydra_key for a in rest):
+            raise ConfigError(f"--out and {hydra_key}= both name the output; give one")
+        rest.append(f"hydra.sweep.dir={out[0]}" if multirun else f"run_dir={out[0]}")
+    return rest
+
+
 def _split_argv(argv: list[str]) -> tuple[list[str], list[str], bool]:
     """(Hydra's flags, the overrides, multirun?)."""
     flags, overrides, it = [], [], iter(argv)
@@ -207,10 +235,6 @@ def _grid(overrides: list[str]) -> list[list[str]]:
 def _precheck(overrides: list[str], multirun: bool) -> list[DictConfig]:
     """Compose (and check) every job before Hydra starts anything, so bad input is one line and writes nothing."""
     from harness.train.trainer import check_init_fits, check_source_run
-    keys = {o.split("=", 1)[0] for o in overrides}
-    for hydra_key in ("hydra.run.dir", "hydra.sweep.dir"):
-        if "run_dir" in keys and hydra_key in keys:
-            raise ConfigError(f"run_dir= and {hydra_key}= both name the output; give one")
     cfgs = [compose(job) for job in (_grid(overrides) if multirun else [overrides])]
     for cfg in cfgs:
         for key, student in (("init_from", ""), ("teacher", cfg.method.name)):
@@ -225,7 +249,7 @@ def _precheck(overrides: list[str], multirun: bool) -> list[DictConfig]:
 
 
 def run_dir_of(cfg: DictConfig) -> str:
-    """The run directory a Hydra job trains into: run_dir=; else hydra.run.dir= (with -m: hydra.sweep.dir=/
+    """The run directory a Hydra job trains into: --out (run_dir); else hydra.run.dir= (with -m: hydra.sweep.dir=/
     hydra.sweep.subdir=, the subdir defaulting to the job's number) when given on the command line; else
     the default runs/<method>-<model>-<data>-<hash>."""
     from hydra.core.hydra_config import HydraConfig
@@ -301,6 +325,11 @@ def _hydra_app(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        argv = _out_to_override(argv)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     flags, overrides, multirun = _split_argv(argv)
     if "--version" in flags:          # Hydra's own would name Hydra's version
         from harness import version
