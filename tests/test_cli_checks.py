@@ -19,7 +19,7 @@ FAST = ["data=digits", "model=unet-xs", "trainer.batch_size=32", "trainer.thread
 def source(tmp_path_factory):
     """A completed 2-step EDM run on the digits with unet-xs."""
     run_dir = tmp_path_factory.mktemp("src") / "edm"
-    assert main([*FAST, "method=edm", "trainer.steps=2", f"run_dir={run_dir}"]) == 0
+    assert main([*FAST, "method=edm", "trainer.steps=2", "--out", str(run_dir)]) == 0
     return run_dir
 
 
@@ -38,14 +38,14 @@ def source(tmp_path_factory):
     ("log.console=loud", "error: log.console='loud' is not valid; valid: auto, lines, quiet"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, bad, message):
-    assert main([*FAST, "method=ect", bad, f"run_dir={tmp_path / 'run'}"]) == 2
+    assert main([*FAST, "method=ect", bad, "--out", str(tmp_path / 'run')]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(message), err
     assert not (tmp_path / "run").exists()
 
 
 def test_init_from_another_network_is_refused_before_anything_is_written(tmp_path, capsys, source):
-    assert main([*FAST, "method=ect", "model=unet-s", f"init_from={source}", f"run_dir={tmp_path / 'run'}"]) == 2
+    assert main([*FAST, "method=ect", "model=unet-s", f"init_from={source}", "--out", str(tmp_path / 'run')]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: init_from: {source}'s network does not match this model (first difference: "
                    f"dec.4x4_block0.attn_proj.weight (64, 64, 1, 1))"]
@@ -58,7 +58,7 @@ def test_a_method_switches_on_what_it_needs_from_the_network(tmp_path, capsys, c
     with caplog.at_level("INFO", logger="harness.config"):
         assert main(["method=sct", "model=dit-xs", "data=digits", "trainer.batch_size=16", "trainer.threads=1",
                      "trainer.steps=2", "eval.at_end=false", "log.console=quiet", "log.tensorboard=false",
-                     f"run_dir={tmp_path / 'run'}"]) == 0
+                     "--out", str(tmp_path / 'run')]) == 0
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["model"]["logvar"] is True and config["model"]["attention"] == "jvp_flash"
     said = [r.getMessage() for r in caplog.records if r.name == "harness.config"]
@@ -66,6 +66,11 @@ def test_a_method_switches_on_what_it_needs_from_the_network(tmp_path, capsys, c
     assert any(m.startswith("method=sct sets model.attention=jvp_flash (was sdpa): ") for m in said)
     assert main(["--cfg", "job", "method=gcm", "method.variant=vu"]) == 0
     assert "  extra_cond_dim: 1\n" in capsys.readouterr().out
+    for argv in (["method=sct", "model=dit-xs", "data=digits", "--cfg", "job"],     # wherever --cfg job stands
+                 ["method=sct", "-c", "job", "model=dit-xs", "data=digits"]):
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        assert "  logvar: true\n" in out and "  attention: jvp_flash\n" in out, argv
 
 
 def _weights(run_dir):
@@ -75,9 +80,9 @@ def _weights(run_dir):
 
 def test_a_finished_run_trained_longer_resumes_and_records_it(tmp_path, caplog):
     args = [*FAST, "method=edm", "trainer.checkpoint_every_steps=2"]
-    assert main([*args, "trainer.steps=4", f"run_dir={tmp_path / 'run'}"]) == 0
+    assert main([*args, "trainer.steps=4", "--out", str(tmp_path / 'run')]) == 0
     with caplog.at_level("INFO", logger="harness.train.trainer"):
-        assert main([*args, "trainer.steps=6", f"run_dir={tmp_path / 'run'}"]) == 0
+        assert main([*args, "trainer.steps=6", "--out", str(tmp_path / 'run')]) == 0
     assert "resumed from step 4" in caplog.messages
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["status"] == "completed" and result["steps"] == 6
@@ -85,7 +90,7 @@ def test_a_finished_run_trained_longer_resumes_and_records_it(tmp_path, caplog):
     assert change["changes"] == {"trainer.steps": [4, 6]}
     assert json.loads((tmp_path / "run" / "config.json").read_text())["trainer"]["steps"] == 6
     # EDM's loss and lr do not depend on the planned length: 4 + 2 steps equal 6 from the start
-    assert main([*args, "trainer.steps=6", f"run_dir={tmp_path / 'straight'}"]) == 0
+    assert main([*args, "trainer.steps=6", "--out", str(tmp_path / 'straight')]) == 0
     (name, longer), (name2, straight) = _weights(tmp_path / "run"), _weights(tmp_path / "straight")
     assert name == name2 == "step-0000006" and all(torch.equal(longer[k], straight[k]) for k in straight)
 
@@ -93,21 +98,21 @@ def test_a_finished_run_trained_longer_resumes_and_records_it(tmp_path, caplog):
 def test_a_different_config_names_the_keys(tmp_path, capsys, source):
     before = (source / "config.yaml").read_text()
     assert main([*FAST, "method=edm", "trainer.steps=2", "trainer.lr=1e-3", "model.dropout=0.1",
-                 f"run_dir={source}"]) == 2
+                 "--out", str(source)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {source} already holds a run with a different config (model.dropout: 0.0 -> 0.1; "
                    f"trainer.lr: 0.0001 -> 0.001); choose another run_dir or delete it"]
     assert (source / "config.yaml").read_text() == before and not (source / "changes.jsonl").exists()
-    assert main([*FAST, "method=edm", "trainer.steps=1", f"run_dir={source}"]) == 2   # steps only grow
+    assert main([*FAST, "method=edm", "trainer.steps=1", "--out", str(source)]) == 2   # steps only grow
     assert "trainer.steps: 2 -> 1" in capsys.readouterr().err
 
 
 def test_a_moved_run_directory_resumes(tmp_path, caplog):
     args = [*FAST, "method=edm", "trainer.checkpoint_every_steps=2", "trainer.steps=4"]
-    assert main([*args, f"run_dir={tmp_path / 'here'}"]) == 0
+    assert main([*args, "--out", str(tmp_path / 'here')]) == 0
     shutil.move(tmp_path / "here", tmp_path / "there")
     (tmp_path / "there" / "result.json").unlink()              # as if stopped after its last checkpoint
     with caplog.at_level("INFO", logger="harness.train.trainer"):
-        assert main([*args, f"run_dir={tmp_path / 'there'}"]) == 0
+        assert main([*args, "--out", str(tmp_path / 'there')]) == 0
     assert "resumed from step 4" in caplog.messages
     assert json.loads((tmp_path / "there" / "config.json").read_text())["run_dir"] == str(tmp_path / "there")

@@ -111,7 +111,7 @@ def test_a_teacher_of_the_wrong_method_is_refused_before_any_work(tmp_path, caps
     from harness.train.cli import main
     edm = _finished_run(tmp_path, "edm", "edm")
     rc = main(["method=scd", "model=unet-xs", "model.logvar=true", f"teacher={edm}",
-               f"run_dir={tmp_path / 'student'}"])
+               "--out", str(tmp_path / 'student')])
     assert rc == 2
     assert "is a edm run; scd needs a teacher trained with method=trigflow" in capsys.readouterr().err
     assert not (tmp_path / "student").exists()

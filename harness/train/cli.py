@@ -176,9 +176,9 @@ def _relaunch_distributed(nproc: int, argv: list[str]) -> int:
 # Hydra's flags that print something and run nothing, and those that take a value.
 _INFO_FLAGS = ("-h", "--help", "--hydra-help", "--version", "-c", "--cfg", "-i", "--info", "-sc",
                "--shell-completion", "--resolve", "-p", "--package")
-# flags of a run (not an info request) whose value is the next token
+# flags whose value is the next token
 _VALUE_FLAGS = ("-p", "--package", "-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir",
-                "--experimental-rerun")
+                "--experimental-rerun", "-c", "--cfg", "-sc", "--shell-completion")
 _exit_codes: list[int] = []   # one per job the Hydra app ran in this process
 
 
@@ -335,9 +335,9 @@ def main(argv: list[str] | None = None) -> int:
         from harness import version
         print(f"harness.train {version()}")
         return 0
-    if flags in (["--cfg"], ["-c"]) and overrides[:1] == ["job"]:   # the config as it will run: after the
-        try:                                                        # method's network needs and the checks
-            cfg = compose(overrides[1:])
+    if flags in (["--cfg", "job"], ["-c", "job"]):   # the config as it will run, wherever --cfg job stands:
+        try:                                          # after the method's network needs and the checks
+            cfg = compose(overrides)
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
