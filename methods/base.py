@@ -1,11 +1,35 @@
 """The method contract and the step context the trainer hands to a method."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
+
+
+class RngReplay:
+    """Shared dropout masks by replaying the global RNG that dropout draws from: the second pass draws
+    the first pass's masks again."""
+
+    def __init__(self, share: bool = True):
+        self.share, self.state = share, None
+
+    @contextlib.contextmanager
+    def record(self):
+        cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+        self.state = (torch.get_rng_state(), cuda)
+        yield self
+
+    @contextlib.contextmanager
+    def replay(self):
+        if self.share:
+            cpu, cuda = self.state
+            torch.set_rng_state(cpu)
+            if cuda is not None:
+                torch.cuda.set_rng_state(cuda)
+        yield self
 
 
 @dataclass
@@ -19,16 +43,10 @@ class StepContext:
     total_steps: int               # trainer.steps of the run
     generator: torch.Generator     # seeded from (seed, step, rank): all of the method's own randomness
 
-    def rng_state(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Snapshot of the global RNG that dropout draws from (replay it for the same dropout mask)."""
-        cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
-        return torch.get_rng_state(), cuda
-
-    def set_rng_state(self, state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
-        cpu, cuda = state
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda)
+    # the same dropout masks in two passes (method.shared_dropout_mask): `tape = ctx.shared_dropout(share)`,
+    # a pass under `tape.record()`, the other under `tape.replay()`. The trainer gives
+    # harness.nets.layers.DropoutTape (hands the masks back); by default the RNG is replayed (same bits).
+    shared_dropout: Callable[[bool], Any] = field(default=lambda share=True: RngReplay(share))
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
         return torch.randn(x.shape, generator=self.generator, device=x.device, dtype=torch.float32)

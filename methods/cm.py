@@ -202,11 +202,10 @@ class DiscreteCM(Method):
         x_next = x0 + as_column(t_next, x0) * eps
         with torch.no_grad():
             x_cur = self.target_point(ctx, x0, eps, x_next, t_next, t_cur, y)
-        rng = ctx.rng_state()
-        pred = self.param.denoise(ctx.net, x_next, t_next, y)
-        if c.shared_dropout_mask:
-            ctx.set_rng_state(rng)
-        with torch.no_grad():
+        tape = ctx.shared_dropout(c.shared_dropout_mask)
+        with tape.record():
+            pred = self.param.denoise(ctx.net, x_next, t_next, y)
+        with tape.replay(), torch.no_grad():
             target = self.param.denoise(self.target_net(ctx), x_cur, t_cur, y)
         per = self.distance(pred, target)
         w = 1.0 / (t_next - t_cur) if c.weighting == "inv_dt" else torch.ones_like(t_next)

@@ -87,13 +87,12 @@ class ECT(Method):
         x_t = x0 + as_column(t, x0) * eps
         x_r, target, extra = self.target_inputs(x0, y, eps, x_t, t, r)
 
-        rng = ctx.rng_state()
-        pred = self.param.denoise(ctx.net, x_t, t, y)
+        tape = ctx.shared_dropout(c.shared_dropout_mask)
+        with tape.record():
+            pred = self.param.denoise(ctx.net, x_t, t, y)
         mask = r > 0
         if mask.any():
-            if c.shared_dropout_mask:
-                ctx.set_rng_state(rng)
-            with torch.no_grad():
+            with tape.replay(), torch.no_grad():
                 f_r = self.param.denoise(ctx.net_nograd, x_r, torch.where(mask, r, torch.ones_like(r)), y)
             target = torch.where(as_column(mask, x0), torch.nan_to_num(f_r), target)
         per = adaptive_distance(pred - target, c.huber_c, c.adaptive_p)

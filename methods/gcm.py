@@ -179,11 +179,10 @@ class GCM(Method):
         x_t = as_column(1 - t, x) * x + as_column(t, x) * z                     # OT-FM interpolant [G §2]
         u_t = z - x
         x_r = x_t + as_column(r - t, x) * u_t                              # Euler step = the interpolant at r [spec A.1]
-        rng = ctx.rng_state()
-        F = self.f(ctx.net, x_t, t, s, y)
-        if c.shared_dropout_mask:
-            ctx.set_rng_state(rng)
-        with torch.no_grad():
+        tape = ctx.shared_dropout(c.shared_dropout_mask)
+        with tape.record():
+            F = self.f(ctx.net, x_t, t, s, y)
+        with tape.replay(), torch.no_grad():
             F_r = self.f(ctx.net_nograd, x_r, r, s, y)
         if c.loss == "l2":
             per = eq39_residual(u_t, F, F_r, t, r, s)

@@ -122,20 +122,19 @@ class SCM(Method):
         with torch.no_grad():
             v = self.velocity(ctx, x0, z, x_t, t, y, extra)
         r = min(1.0, ctx.step / h) if (h := self.warmup_length(ctx.total_steps)) else 1.0
-        rng = ctx.rng_state()
-        with torch.no_grad():      # the extra input is a constant of the trajectory: no tangent
+        tape = ctx.shared_dropout(c.shared_dropout_mask)
+        with tape.record(), torch.no_grad():      # the extra input is a constant of the trajectory: no tangent
             f_minus, jvp_out = torch.func.jvp(lambda u, tt: ctx.net_nograd(u, tt, y, extra), (x_t / sd, t),
                                               (cos * sin * v, sd * torch.cos(t) * torch.sin(t)))
             f_minus, jvp_out = f_minus.float(), jvp_out.float()
             g_raw = -cos ** 2 * (sd * f_minus - v) - r * (cos * sin * x_t + jvp_out)
             g = self.normalize(g_raw)
-        if c.shared_dropout_mask:
-            ctx.set_rng_state(rng)
-        if c.adaptive_weight:
-            F, logvar = ctx.net(x_t / sd, t, y, extra, return_logvar=True)
-            w = -logvar.float().reshape(-1)
-        else:
-            F, w = ctx.net(x_t / sd, t, y, extra), torch.zeros_like(t)
+        with tape.replay():
+            if c.adaptive_weight:
+                F, logvar = ctx.net(x_t / sd, t, y, extra, return_logvar=True)
+                w = -logvar.float().reshape(-1)
+            else:
+                F, w = ctx.net(x_t / sd, t, y, extra), torch.zeros_like(t)
         per = per_sample_sq(F.float() - f_minus - g) / g[0].numel()
         loss = (torch.exp(w) * per - w).mean()
         return {"loss": loss, f"{self.name}/r": r, f"{self.name}/g_raw_norm": per_sample_sq(g_raw).sqrt().mean(),

@@ -184,6 +184,71 @@ def test_jvp_pass_replays_dropout_and_matches_backward(name):
     assert (grad_noise * noise_dot).abs().sum() > 0  # the time tangent reaches the output
 
 
+def _grads(net, out):
+    return torch.autograd.grad(out.square().sum(), list(net.parameters()), allow_unused=True)
+
+
+@pytest.mark.parametrize("name", ["unet-xs", "ddpmpp-xs", "dit-xs", "mlp-xs"])
+def test_a_dropout_tape_hands_back_what_replaying_the_rng_draws(name):
+    """DropoutTape: the second pass gets the first pass's masks without drawing them again; outputs,
+    gradients and the RNG afterwards equal those of replaying the RNG state, bit for bit, after a
+    grad pass and after a torch.func.jvp pass (the sCM order)."""
+    from harness.nets.layers import DropoutTape
+    net = perturb(make(name, dropout=0.3, attention="math")).train()
+    x, noise, _, _ = inputs(net)
+    x_dot, noise_dot = torch.randn_like(x), torch.ones(BATCH)
+    for first_pass in ("grad", "jvp"):
+        start = torch.get_rng_state()
+        outs, grads, rng_after = [], [], []
+        for mode in ("rng", "tape"):
+            torch.set_rng_state(start)
+            tape = DropoutTape()
+            with tape.record():
+                if first_pass == "grad":
+                    first = net(x, noise)
+                else:
+                    with torch.no_grad():
+                        first, _ = torch.func.jvp(lambda a, b: net(a, b), (x, noise), (x_dot, noise_dot))
+            after_first = torch.get_rng_state()
+            if mode == "rng":
+                torch.set_rng_state(start)
+                second = net(x * 0.5, noise)
+            else:
+                with tape.replay():
+                    second = net(x * 0.5, noise)
+            outs.append((first, second))
+            grads.append(_grads(net, second))
+            rng_after.append((after_first, torch.get_rng_state()))
+        (first_rng, second_rng), (first_tape, second_tape) = outs
+        assert torch.equal(first_rng, first_tape) and torch.equal(second_rng, second_tape), first_pass
+        assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(*grads))
+        assert torch.equal(rng_after[1][0], rng_after[1][1])     # the replay drew nothing ...
+        assert torch.equal(rng_after[0][1], rng_after[1][1])     # ... and the RNG is where the replay leaves it
+    assert differs(net(x, noise), net(x, noise))                 # no tape: a fresh mask per pass
+
+
+def test_a_dropout_tape_refuses_a_pass_it_did_not_record():
+    from harness.nets.layers import DropoutTape
+    net = perturb(make("unet-xs", dropout=0.3)).train()
+    x, noise, _, _ = inputs(net)
+    tape = DropoutTape()
+    with tape.record():
+        net(x, noise)
+    with pytest.raises(RuntimeError, match=r"dropout layer 0 of the replayed pass sees \(6, \d+, 8, 8\), the recorded pass \(3, \d+, 8, 8\)"):
+        with tape.replay():
+            net(torch.cat([x, x]), torch.cat([noise, noise]))
+    with tape.record():
+        pass
+    with pytest.raises(RuntimeError, match="the replayed pass has more dropout layers than the recorded one \\(0\\)"):
+        with tape.replay():
+            net(x, noise)
+    unshared = DropoutTape(share=False)       # method.shared_dropout_mask=false: each pass draws its own
+    with unshared.record():
+        first = net(x, noise)
+    with unshared.replay():
+        assert differs(first, net(x, noise))
+
+
 @pytest.mark.parametrize("name", SMALL)
 def test_bf16_module_takes_fp32_and_returns_fp32(name):
     net = perturb(make(name, num_classes=10, extra_cond_dim=1, logvar=True)).eval()

@@ -7,6 +7,7 @@ and extra embeddings and the log-variance head run in float32, and the output is
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -108,12 +109,80 @@ class MPConv(nn.Module):
 class Dropout(nn.Dropout):
     """nn.Dropout (global torch RNG) on a contiguous input: bernoulli fills the mask in memory order,
     and eager and torch.func passes order non-contiguous tensors differently, so a canonical layout makes
-    the mask a function of the RNG state alone (replayable between the JVP pass and the grad pass)."""
+    the mask a function of the RNG state alone (replayable between the JVP pass and the grad pass).
+    Under a `DropoutTape` a pass records its masks and a second pass takes them back (no second draw)."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0:
             return x
-        return super().forward(x.contiguous())
+        x = x.contiguous()
+        tape = DropoutTape.active
+        if tape is None or tape.state == "off":
+            return super().forward(x)
+        if tape.state == "replay":
+            return x * tape.take(x)
+        if x.device.type == "cpu":   # at::dropout on the CPU, op for op: the same draws, bit for bit
+            noise = torch.empty(x.shape, dtype=x.dtype, device=x.device).bernoulli_(1 - self.p).div_(1 - self.p)
+            out = x * noise
+        else:                        # the fused kernel F.dropout runs elsewhere; its mask, scaled
+            out, mask = torch.native_dropout(x, self.p, True)
+            noise = mask.to(x.dtype) * (1.0 / (1.0 - self.p))
+        tape.masks.append(noise)
+        return out
+
+
+class DropoutTape:
+    """The same dropout masks in two passes of a network (or of a copy with the same layers): what
+    replaying the RNG state before the second pass gives, bit for bit, without drawing the masks again
+    (on the CPU, drawing them is a fifth of a consistency step). The RNG ends where the first pass left it,
+    as with the replay. Disabled (`share=False`), each pass draws its own masks.
+
+        tape = DropoutTape(share=cfg.shared_dropout_mask)
+        with tape.record():
+            pred = net(x_t, t)
+        with tape.replay(), torch.no_grad():
+            target = net(x_r, r)
+    """
+
+    active: DropoutTape | None = None      # the tape the Dropout layers of this process use now
+
+    def __init__(self, share: bool = True):
+        self.share = share
+        self.masks: list[Tensor] = []
+        self.state = "off"
+        self.used = 0
+
+    def record(self):
+        return self._as("record")
+
+    def replay(self):
+        return self._as("replay")
+
+    def take(self, x: Tensor) -> Tensor:
+        if self.used == len(self.masks):
+            raise RuntimeError(f"DropoutTape: the replayed pass has more dropout layers than the recorded one "
+                               f"({len(self.masks)})")
+        noise = self.masks[self.used]
+        if noise.shape != x.shape:
+            raise RuntimeError(f"DropoutTape: dropout layer {self.used} of the replayed pass sees {tuple(x.shape)}, "
+                               f"the recorded pass {tuple(noise.shape)}")
+        self.used += 1
+        return noise
+
+    @contextlib.contextmanager
+    def _as(self, state: str):
+        if not self.share:
+            yield self
+            return
+        if DropoutTape.active is not None:
+            raise RuntimeError("DropoutTape: one tape at a time")
+        if state == "record":
+            self.masks, self.used = [], 0
+        self.state, DropoutTape.active = state, self
+        try:
+            yield self
+        finally:
+            self.state, DropoutTape.active = "off", None
 
 
 class Float32Buffers(nn.Module):

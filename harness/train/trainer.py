@@ -26,6 +26,7 @@ from harness.eval.grid import save_grid
 from harness.eval.metrics import build_metric
 from harness.eval.score import generate, score
 from harness.nets import build_net, count_params, uses_forced_weight_norm
+from harness.nets.layers import DropoutTape
 from harness.train.rundir import RunDir, read_status
 from harness.train.seeding import EpochSampler, seed_step
 from harness.train.watch import Console, build_loggers, numeric, score_tag
@@ -255,7 +256,7 @@ class Trainer:
         """One optimizer step; returns the logged scalars, or None when skipped (non-finite loss)."""
         gen = seed_step(self.cfg.seed, step, self.dist.rank, self.device)
         ctx = StepContext(net=self.engine, net_nograd=self.engine.module, teacher=self.teacher,
-                          step=step, total_steps=self.cfg.trainer.steps, generator=gen)
+                          step=step, total_steps=self.cfg.trainer.steps, generator=gen, shared_dropout=DropoutTape)
         counting = self.counters.flops_per_step == 0.0
         with FlopCounterMode(display=False) if counting else nullcontext() as fc:
             out = self.method.loss(ctx, self.batch(step))
