@@ -10,6 +10,7 @@ Checks, each in its own process with a deadline, so one failure or hang never hi
   triton_jvp             the compiled Triton JVP attention kernel (jvp_flash on CUDA) against
                          torch.func.jvp over math attention: parity at N = 256, then peak memory and median
                          time of both at N = 1k, 2k, 4k, 8k, 16k
+  dropout_tape           the dropout tape's CUDA branch against replaying the CUDA RNG (same bits)
   xformers               xformers attention against sdpa (parity), when xformers is installed
   nccl_one_rank          a run over nccl with one rank; nccl_two_ranks: torchrun with two, given two GPUs
   step_cost              benchmarks/step_cost.py --device cuda (results/bench/step_cost_cuda.json)
@@ -131,6 +132,37 @@ def _xformers() -> dict:
     return {"status": "passed" if err < 1e-3 else "failed", "max_abs_err": err}
 
 
+def _dropout_tape() -> dict:
+    """The tape's CUDA branch (torch.native_dropout's mask, scaled) against replaying the CUDA RNG: the
+    second pass's output and gradients must be the same bits."""
+    import torch
+
+    from harness.config import compose
+    from harness.nets import build_net
+    from harness.nets.layers import DropoutTape
+    cfg = compose(["model=ddpmpp-xs", "model.dropout=0.2", "data=digits", "method=ect"])
+    net = build_net(cfg.model, (1, 8, 8), 0).cuda().train()
+    x, t = torch.randn(16, 1, 8, 8, device="cuda"), torch.rand(16, device="cuda") + 0.1
+    results = []
+    for mode in ("rng", "tape"):
+        torch.cuda.manual_seed(0)
+        tape, state = DropoutTape(), torch.cuda.get_rng_state()
+        with tape.record():
+            first = net(x, t)
+        if mode == "rng":
+            torch.cuda.set_rng_state(state)
+            second = net(x * 0.5, t)
+        else:
+            with tape.replay():
+                second = net(x * 0.5, t)
+        grads = torch.autograd.grad(second.square().sum(), list(net.parameters()))
+        results.append((first, second, grads))
+    (f0, s0, g0), (f1, s1, g1) = results
+    same = torch.equal(f0, f1) and torch.equal(s0, s1) and all(torch.equal(a, b) for a, b in zip(g0, g1))
+    return {"status": "passed" if same else "failed", "max_abs_diff": float((s0 - s1).abs().max()),
+            **({} if same else {"reason": "the tape's masks are not the RNG replay's on CUDA"})}
+
+
 def _in_child(fn: str, timeout: float) -> dict:
     code = (f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks.gpu_check import {fn}; "
             f"print('RESULT ' + json.dumps({fn}()))")
@@ -147,6 +179,7 @@ def checks(tmp: Path, gpus: int, has_xformers: bool):
     yield "fp16_sct", None, lambda t: _train("fp16-sct", tmp, t, "method=sct", "trainer.precision=fp16")
     yield "bf16_ect", None, lambda t: _train("bf16-ect", tmp, t, "method=ect", "trainer.precision=bf16")
     yield "triton_jvp", None, lambda t: _in_child("_triton_jvp", t)
+    yield "dropout_tape", None, lambda t: _in_child("_dropout_tape", t)
     yield ("xformers", None if has_xformers else "xformers is not installed (pip install -e '.[gpu]')",
            lambda t: _in_child("_xformers", t))
     yield "nccl_one_rank", None, lambda t: _train("nccl-1", tmp, t, "method=ect", "launcher.nproc=1")

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-CHECKS = ["fp16_ect", "fp16_sct", "bf16_ect", "triton_jvp", "xformers", "nccl_one_rank", "nccl_two_ranks",
+CHECKS = ["fp16_ect", "fp16_sct", "bf16_ect", "triton_jvp", "dropout_tape", "xformers", "nccl_one_rank", "nccl_two_ranks",
           "step_cost", "smoke_sweep"]
 
 
