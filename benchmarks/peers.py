@@ -1,6 +1,6 @@
 """Our training steps against the public implementations', side by side in one run.
 
-    python benchmarks/peers.py --ect PATH [--fastgen PATH --fastgen-python PY] [--channels 32 64] [--rounds 3]
+    python benchmarks/peers.py --ect PATH [--fastgen PATH --fastgen-python PY] [--channels 32 64] [--rounds 5]
 
 `--ect` (or $CMBENCH_ECT) is a checkout of locuslab/ect, `--fastgen` ($CMBENCH_FASTGEN) one of NVlabs/FastGen,
 read, never copied into this project. FastGen runs under its own environment (`--fastgen-python`,
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fastgen-python", default=os.environ.get("CMBENCH_FASTGEN_PYTHON", ""),
                         help="the python of FastGen's own environment (docstring)")
     parser.add_argument("--channels", type=int, nargs="+", default=[32, 64])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)      # 3 left the median at the mercy of one noisy round here
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--out", default=str(OUT))
     args = parser.parse_args(argv)
