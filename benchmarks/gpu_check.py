@@ -188,7 +188,8 @@ def checks(tmp: Path, gpus: int, has_xformers: bool):
                             command=(sys.executable, "-m", "torch.distributed.run", "--standalone",
                                      "--nproc_per_node=2", "-m", "harness.train")))
     yield "step_cost", None, lambda t: _script(["benchmarks/step_cost.py", "--device", "cuda", "--steps", "10"], t)
-    yield "smoke_sweep", None, lambda t: _script(["-m", "harness.sweep", "sweeps/smoke.yaml", "--out", str(tmp / 'sweeps'),
+    yield "smoke_sweep", None, lambda t: _script(["-m", "harness.sweep", "sweeps/smoke.yaml",
+                                                  "--out", str(tmp / "sweeps"),
                                                   "trainer.device=cuda"], t)
 
 

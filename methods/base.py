@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -46,7 +46,7 @@ class StepContext:
     # the same dropout masks in two passes (method.shared_dropout_mask): `tape = ctx.shared_dropout(share)`,
     # a pass under `tape.record()`, the other under `tape.replay()`. The trainer gives
     # harness.nets.layers.DropoutTape (hands the masks back); by default the RNG is replayed (same bits).
-    shared_dropout: Callable[[bool], Any] = field(default=lambda share=True: RngReplay(share))
+    shared_dropout: Callable[[bool], Any] = RngReplay
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
         return torch.randn(x.shape, generator=self.generator, device=x.device, dtype=torch.float32)

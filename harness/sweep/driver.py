@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.sweep", description=__doc__.splitlines()[0])
     parser.add_argument("spec", help="sweep spec YAML (sweeps/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="key=value: spec edits or overrides of every run")
-    parser.add_argument("--out", metavar="DIR", default=None, help="the sweep writes DIR/<name>/ (default: the spec's out)")
+    parser.add_argument("--out", metavar="DIR", default=None,
+                        help="the sweep writes DIR/<name>/ (default: the spec's out)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="print the plan and the estimated compute")
     mode.add_argument("--status", action="store_true", help="report each run's state; submit nothing")
