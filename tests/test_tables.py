@@ -3,8 +3,6 @@ LaTeX shape, errors, and the cmbench columns from a collector DataFrame."""
 
 import json
 import re
-import sys
-import types
 from collections import Counter
 from pathlib import Path
 

@@ -116,8 +116,8 @@ class Dropout(nn.Dropout):
         if not self.training or self.p == 0:
             return x
         x = x.contiguous()
-        tape = DropoutTape.active
-        if tape is None or tape.state == "off":
+        tape = DropoutTape.active           # set only while recording or replaying
+        if tape is None:
             return super().forward(x)
         if tape.state == "replay":
             return x * tape.take(x)

@@ -179,6 +179,7 @@ _INFO_FLAGS = ("-h", "--help", "--hydra-help", "--version", "-c", "--cfg", "-i",
 # flags whose value is the next token
 _VALUE_FLAGS = ("-p", "--package", "-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir",
                 "--experimental-rerun", "-c", "--cfg", "-sc", "--shell-completion")
+_MULTIRUN_FLAGS = ("-m", "--multirun")
 _exit_codes: list[int] = []   # one per job the Hydra app ran in this process
 
 
@@ -186,7 +187,7 @@ def _out_to_override(argv: list[str]) -> list[str]:
     """`--out DIR` (every command's spelling of where it writes) as the override it stands for: the run
     directory (`run_dir=DIR`); with -m, the folder of the grid's run directories (`hydra.sweep.dir=DIR`,
     one sub-folder per job). The config key run_dir is not given on the command line: one spelling."""
-    multirun = any(a in ("-m", "--multirun") for a in argv)
+    multirun = any(a in _MULTIRUN_FLAGS for a in argv)
     out, rest, it = [], [], iter(argv)
     for arg in it:
         if arg == "--out":
@@ -220,7 +221,7 @@ def _split_argv(argv: list[str]) -> tuple[list[str], list[str], bool]:
                 flags.append(next(it, ""))
         else:
             overrides.append(arg)
-    return flags, overrides, any(f in ("-m", "--multirun") for f in flags)
+    return flags, overrides, any(f in _MULTIRUN_FLAGS for f in flags)
 
 
 def _grid(overrides: list[str]) -> list[list[str]]:
