@@ -227,6 +227,26 @@ def test_a_dropout_tape_hands_back_what_replaying_the_rng_draws(name):
     assert differs(net(x, noise), net(x, noise))                 # no tape: a fresh mask per pass
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cpu_dropout_keeps_where_a_float32_uniform_is_below_one_minus_p(dtype):
+    """The CPU mask, against a straight line from the same RNG state: kept where torch.rand < 1 - p, scaled
+    by 1 / (1 - p); one float32 uniform per element (the RNG ends where that draw leaves it); the kept
+    fraction within 4 binomial sigmas of 1 - p."""
+    from harness.nets.layers import Dropout
+    p, shape = 0.3, (64, 8, 16, 16)
+    x = torch.randn(shape, dtype=dtype)
+    layer = Dropout(p).train()
+    start = torch.get_rng_state()
+    out = layer(x)
+    after = torch.get_rng_state()
+    torch.set_rng_state(start)
+    keep = torch.rand(shape) < 1 - p
+    assert torch.equal(after, torch.get_rng_state())
+    assert torch.equal(out, torch.where(keep, x * torch.tensor(1 / (1 - p), dtype=dtype), torch.zeros((), dtype=dtype)))
+    n = keep.numel()
+    assert abs(keep.sum().item() - n * (1 - p)) < 4 * (n * p * (1 - p)) ** 0.5
+
+
 def test_a_dropout_tape_refuses_a_pass_it_did_not_record():
     from harness.nets.layers import DropoutTape
     net = perturb(make("unet-xs", dropout=0.3)).train()

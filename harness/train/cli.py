@@ -235,7 +235,12 @@ def _grid(overrides: list[str]) -> list[list[str]]:
 
 def _precheck(overrides: list[str], multirun: bool) -> list[DictConfig]:
     """Compose (and check) every job before Hydra starts anything, so bad input is one line and writes nothing."""
+    from harness.train.malloc import malloc_choice
     from harness.train.trainer import check_init_fits, check_source_run
+    try:
+        malloc_choice()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     cfgs = [compose(job) for job in (_grid(overrides) if multirun else [overrides])]
     for cfg in cfgs:
         for key, student in (("init_from", ""), ("teacher", cfg.method.name)):

@@ -20,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import methods
 from harness.train import checkpoint, engine as eng
+from harness.train.malloc import keep_freed_memory
 from harness.data import load_dataset
 from harness.train.ema import make_emas
 from harness.eval.grid import save_grid
@@ -159,6 +160,7 @@ def load_weights(net: torch.nn.Module, weights: dict[str, torch.Tensor], source:
 class Trainer:
     def __init__(self, cfg: DictConfig, run: RunDir, dist: eng.DistInfo):
         self.cfg, self.run, self.dist = cfg, run, dist
+        keep_freed_memory()                                           # CPU steps reuse freed memory (malloc.py)
         self.stop_signal = 0                                          # set by request_stop (SIGTERM/SIGINT)
         t = cfg.trainer
         self.device = dist.device
