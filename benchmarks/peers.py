@@ -28,6 +28,11 @@ Each (round, width, implementation) is a fresh process with 2 torch threads that
 3 untimed ones; the processes of a round run one after another and rounds interleave, so machine noise
 hits every implementation alike. Writes results/bench/peers.json: every round's median step time, the
 ratios ours / peer per round and their medians, and the peers' commits.
+
+`--matched-malloc` also times each peer under the malloc thresholds our trainer sets for itself
+(harness/train/malloc.py), as `<peer>+malloc`, with the ratios to those beside (`*_matched_malloc`): how much
+of the difference is that setting, which a peer's user could have too (MALLOC_MMAP_THRESHOLD_ and
+MALLOC_TRIM_THRESHOLD_ in glibc's environment).
 """
 from __future__ import annotations
 
@@ -157,6 +162,10 @@ def _fastgen(path: str, method: str, channels: int, steps: int) -> dict:
 def child(impl: str, channels: int, steps: int, peer: str) -> dict:
     import torch
     torch.set_num_threads(2)
+    impl, _, variant = impl.partition("+")
+    if variant == "malloc":           # a peer under the malloc thresholds our trainer sets (harness/train/malloc.py)
+        from harness.train.malloc import keep_freed_memory
+        assert keep_freed_memory(), "glibc's mallopt refused the thresholds"
     if impl == "locuslab-ect":
         return _locuslab_ect(peer, channels, steps)
     if impl.startswith("fastgen-"):
@@ -191,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--rounds", type=int, default=5)      # 3 left the median at the mercy of one noisy round here
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--matched-malloc", action="store_true",
+                        help="also time each peer under the malloc thresholds our trainer sets (`<peer>+malloc`)")
     parser.add_argument("--out", default=str(OUT))
     args = parser.parse_args(argv)
     if not args.ect or not (Path(args.ect) / "training" / "loss.py").is_file():
@@ -205,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
               "file's docstring for the commands that make it)", file=sys.stderr)
         return 2
     impls = IMPLS + (FASTGEN_IMPLS if args.fastgen else ())
+    if args.matched_malloc:
+        impls += tuple(f"{i}+malloc" for i in impls if not i.startswith("cmbench-"))
     medians: dict[str, dict[str, list[float]]] = {str(c): {i: [] for i in impls} for c in args.channels}
     params: dict[str, dict[str, int]] = {str(c): {} for c in args.channels}
     for r in range(args.rounds):
@@ -223,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.fastgen:
             pairs += [("ect_ratio_to_fastgen_cm", "cmbench-ect", "fastgen-cm"),
                       ("sct_ratio_to_fastgen_scm", "cmbench-sct", "fastgen-scm")]
+        if args.matched_malloc:
+            pairs += [(name + "_matched_malloc", ours, theirs + "+malloc") for name, ours, theirs in pairs]
         for name, ours, theirs in pairs:
             per_round = [a / b for a, b in zip(rows[ours], rows[theirs])]
             widths[c][name + "_per_round"] = per_round
@@ -230,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"channels {c}: {ours} / {theirs} = {widths[c][name]:.3f} "
                   f"(rounds {', '.join(f'{x:.3f}' for x in per_round)})")
     result = {"widths": widths, "batch": BATCH, "steps_timed": args.steps, "rounds": args.rounds, "threads": 2,
-              "precision": "fp32", "device": "cpu",
+              "precision": "fp32", "device": "cpu", "matched_malloc": args.matched_malloc,
               "peers": {"locuslab/ect": _commit(args.ect),
                         **({"NVlabs/FastGen": _commit(args.fastgen)} if args.fastgen else {})},
               "torch": __import__("torch").__version__, "machine": platform.machine()}
