@@ -146,8 +146,8 @@ def cpu_keep_mask(x: Tensor, keep: float) -> Tensor:
 class DropoutTape:
     """The same dropout masks in two passes of a network (or of a copy with the same layers): what
     replaying the RNG state before the second pass gives, bit for bit, without drawing the masks again
-    (on the CPU, drawing them is a fifth of a consistency step). The RNG ends where the first pass left it,
-    as with the replay. Disabled (`share=False`), each pass draws its own masks.
+    (on the CPU, drawing F.dropout's masks again was a fifth of a consistency step). The RNG ends where the
+    first pass left it, as with the replay. Disabled (`share=False`), each pass draws its own masks.
 
         tape = DropoutTape(share=cfg.shared_dropout_mask)
         with tape.record():
