@@ -118,6 +118,7 @@ def _memory_in_child(config: str, key: str, root: Path, teachers: dict[str, str]
     from launchers.base import RENDEZVOUS_ENV
     env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_ENV}   # a private rendezvous
     env["MALLOC_MMAP_THRESHOLD_"] = "65536"   # large blocks are mmap'd and unmapped on free: RSS = live memory
+    env["CMBENCH_MALLOC"] = "glibc"           # ... so the trainer must leave that setting alone (harness/train/malloc.py)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
     if out.returncode:
         raise RuntimeError(f"memory run {config}/{key} failed:\n{out.stderr[-2000:]}")
