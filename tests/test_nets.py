@@ -227,6 +227,40 @@ def test_a_dropout_tape_hands_back_what_replaying_the_rng_draws(name):
     assert differs(net(x, noise), net(x, noise))                 # no tape: a fresh mask per pass
 
 
+def _matmul_and_conv_calls(fn) -> int:
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    kernels = ("aten::mkldnn_convolution", "aten::mm", "aten::addmm", "aten::bmm")
+    # one kernel call counts once, not again for each dispatch layer it passes (functorch re-enters addmm)
+    return sum(1 for e in prof.events() if e.name in kernels and (e.cpu_parent is None or e.cpu_parent.name != e.name))
+
+
+@pytest.mark.parametrize("name", ["unet-s", "ddpmpp-s", "dit-xs", "mlp-xs"])
+def test_the_jvp_pass_skips_the_zero_weight_tangents_and_gives_the_same_bits(name, monkeypatch):
+    """In a no-grad torch.func.jvp pass the parameters are constants: each convolution / linear layer runs
+    twice (primal, x's tangent), not three times as functorch's own rule does (it also applies the op to
+    the weight's zero tangent); outputs and tangents equal functorch's bit for bit, dropout on."""
+    import harness.nets.layers as layers
+    net = perturb(make(name, dropout=0.3, attention="math")).train()
+    x, noise, _, _ = inputs(net)
+    x_dot, noise_dot = torch.randn_like(x), torch.ones(BATCH)
+    results, calls = {}, {}
+    for mode in ("ours", "functorch"):
+        if mode == "functorch":
+            monkeypatch.setattr(layers, "_transformed", None)      # weight_op falls back to the plain op
+        def jvp():
+            torch.manual_seed(0)
+            with torch.no_grad():
+                results[mode] = torch.func.jvp(lambda a, b: net(a, b), (x, noise), (x_dot, noise_dot))
+        calls[mode] = _matmul_and_conv_calls(jvp)
+    with torch.no_grad():
+        plain = _matmul_and_conv_calls(lambda: net(x, noise))
+    assert all(torch.equal(a, b) for a, b in zip(results["ours"], results["functorch"]))
+    assert calls["ours"] < calls["functorch"]
+    assert calls["ours"] <= 2 * plain, (calls, plain)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_cpu_dropout_keeps_where_a_float32_uniform_is_below_one_minus_p(dtype):
     """The CPU mask, against a straight line from the same RNG state: kept where torch.rand < 1 - p, scaled

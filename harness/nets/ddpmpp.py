@@ -23,6 +23,7 @@ from harness.nets.layers import (
     pixel_norm,
     resample,
     resample_kernel,
+    weight_op,
 )
 
 
@@ -65,7 +66,8 @@ class Conv2d(nn.Module):
         if self.mode != "keep":
             x = resample(x, self.resample_kernel, self.mode)
         if self.weight is not None:
-            x = F.conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype), padding=self.weight.shape[-1] // 2)
+            x = weight_op(F.conv2d, x, self.weight.to(x.dtype), self.bias.to(x.dtype), of=(self.weight, self.bias),
+                          padding=self.weight.shape[-1] // 2)
         return x
 
 

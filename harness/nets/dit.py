@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from harness.nets.attention import attention
-from harness.nets.layers import Dropout, Linear, NetBase, NetConfig, PositionalEmbedding
+from harness.nets.layers import Dropout, Linear, NetBase, NetConfig, PositionalEmbedding, TorchLinear
 
 
 @dataclass
@@ -75,10 +75,10 @@ class DiTBlock(nn.Module):
         super().__init__()
         hidden = cfg.hidden_size
         self.heads, self.backend = cfg.heads, cfg.attention
-        self.qkv = nn.Linear(hidden, hidden * 3)
-        self.proj = nn.Linear(hidden, hidden)
-        self.fc1 = nn.Linear(hidden, int(hidden * cfg.mlp_ratio))
-        self.fc2 = nn.Linear(int(hidden * cfg.mlp_ratio), hidden)
+        self.qkv = TorchLinear(hidden, hidden * 3)
+        self.proj = TorchLinear(hidden, hidden)
+        self.fc1 = TorchLinear(hidden, int(hidden * cfg.mlp_ratio))
+        self.fc2 = TorchLinear(int(hidden * cfg.mlp_ratio), hidden)
         self.dropout = Dropout(cfg.dropout)
         self.ada_ln = Linear(hidden, hidden * 6)  # adaLN-Zero: zeroed in DiT._init_weights
 
@@ -123,7 +123,7 @@ class DiT(NetBase):
             self.extra_embed = ScalarEmbedder(hidden, cfg.frequency_embedding_size, cfg.extra_cond_dim, zero_out=True)
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.final_ada_ln = Linear(hidden, hidden * 2)
-        self.final_linear = nn.Linear(hidden, patch * patch * channels)
+        self.final_linear = TorchLinear(hidden, patch * patch * channels)
         self._init_weights()
 
     def _init_weights(self) -> None:

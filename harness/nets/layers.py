@@ -21,6 +21,8 @@ ARCH_NAMES = ("unet", "ddpmpp", "dit", "mlp")
 
 # True inside torch.func transforms (jvp, vmap, grad); private in torch, hence the fallback.
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+# True for a tensor a torch.func transform tracks (a dual or batched input, or what is computed from one).
+_transformed = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
 
 
 @dataclass
@@ -102,8 +104,47 @@ class MPConv(nn.Module):
         w = w * (gain / math.sqrt(w[0].numel()))  # unit-magnitude output for unit-magnitude input
         w = w.to(x.dtype)
         if w.ndim == 2:
-            return x @ w.t()
-        return F.conv2d(x, w, padding=w.shape[-1] // 2)
+            return weight_op(F.linear, x, w, of=(weight,))
+        return weight_op(F.conv2d, x, w, of=(weight,), padding=w.shape[-1] // 2)
+
+
+def weight_op(op, x: Tensor, weight: Tensor, bias: Tensor | None = None, *, of: tuple = (), **kwargs) -> Tensor:
+    """op(x, weight, bias, **kwargs) for an op linear in x with an additive bias (F.linear, F.conv2d,
+    F.conv_transpose2d); `of`: the module tensors (parameters, buffers) that weight and bias are computed
+    from, when they are not those tensors themselves (a cast, a normalization, a tiled kernel).
+
+    In a no-grad torch.func pass that does not track those tensors (the JVP pass of sCT / sCD, where the
+    network's parameters are constants), the op goes through `_ConstantWeights`, whose tangent is
+    op(x_t, weight) alone; functorch's own rules for these ops also apply the op to the (zero) tangents of
+    the weight and bias, a third more convolution or matmul work in that pass. The same values: the terms
+    left out are exact zeros. (A tensor computed inside the transform is tracked even when it has no
+    tangent, hence `of`.)"""
+    if _transformed is not None and not torch.is_grad_enabled() and _functorch_active() and _transformed(x):
+        sources = of or (weight, bias)
+        if not any(t is not None and _transformed(t) for t in sources):
+            return _ConstantWeights.apply(x, (op, weight, bias, kwargs))
+    return op(x, weight, bias, **kwargs)
+
+
+class _ConstantWeights(torch.autograd.Function):
+    """y = op(x, weight, bias) with (op, weight, bias, kwargs) handed in as one constant: forward-mode
+    tangent op(x_t, weight, None); no backward (it is used only where grad mode is off)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, spec: tuple) -> Tensor:
+        op, weight, bias, kwargs = spec
+        return op(x, weight, bias, **kwargs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.spec = inputs[1]
+
+    @staticmethod
+    def jvp(ctx, x_t: Tensor, _spec_t) -> Tensor:
+        op, weight, _, kwargs = ctx.spec
+        return op(x_t, weight, None, **kwargs)
 
 
 class Dropout(nn.Dropout):
@@ -255,7 +296,14 @@ class Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, self.weight.to(x.dtype), bias)
+        return weight_op(F.linear, x, self.weight.to(x.dtype), bias, of=(self.weight, self.bias))
+
+
+class TorchLinear(nn.Linear):
+    """nn.Linear (its initialization and state dict) through `weight_op`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return weight_op(F.linear, x, self.weight, self.bias)
 
 
 class LogvarHead(nn.Module):
@@ -278,9 +326,9 @@ def resample(x: Tensor, kernel: Tensor, mode: str) -> Tensor:
     weight = kernel.to(x.dtype).tile(channels, 1, 1, 1)
     pad = (kernel.shape[-1] - 1) // 2
     if mode == "down":
-        return F.conv2d(x, weight, groups=channels, stride=2, padding=pad)
+        return weight_op(F.conv2d, x, weight, of=(kernel,), groups=channels, stride=2, padding=pad)
     if mode == "up":
-        return F.conv_transpose2d(x, weight * 4, groups=channels, stride=2, padding=pad)
+        return weight_op(F.conv_transpose2d, x, weight * 4, of=(kernel,), groups=channels, stride=2, padding=pad)
     raise ValueError(f"unknown resample mode {mode!r}; valid: keep, down, up")
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.nets.layers import Dropout, Linear, MPFourier, NetBase, NetConfig
+from harness.nets.layers import Dropout, Linear, MPFourier, NetBase, NetConfig, TorchLinear
 
 
 @dataclass
@@ -29,10 +29,10 @@ class ResBlock(nn.Module):
 
     def __init__(self, hidden: int, dropout: float):
         super().__init__()
-        self.fc1 = nn.Linear(hidden, hidden)
+        self.fc1 = TorchLinear(hidden, hidden)
         self.emb_proj = Linear(hidden, hidden)
         self.dropout = Dropout(dropout)
-        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc2 = TorchLinear(hidden, hidden)
 
     def forward(self, h: Tensor, emb: Tensor) -> Tensor:
         y = F.silu(self.fc1(layer_norm(h)) + self.emb_proj(emb).to(h.dtype))
@@ -56,9 +56,9 @@ class MLP(NetBase):
             # Zero init: adding the extra input leaves F unchanged at init (sCM App. G.2 default).
             self.extra_linear = Linear(fourier * cfg.extra_cond_dim, hidden, init_weight=0.0)
         self.emb_linear = Linear(hidden, hidden)
-        self.input = nn.Linear(dim, hidden)
+        self.input = TorchLinear(dim, hidden)
         self.blocks = nn.ModuleList(ResBlock(hidden, cfg.dropout) for _ in range(cfg.depth))
-        self.output = nn.Linear(hidden, dim)
+        self.output = TorchLinear(hidden, dim)
         nn.init.zeros_(self.output.weight)  # zero-init output: F = 0 at init
         nn.init.zeros_(self.output.bias)
 
