@@ -53,7 +53,9 @@ def test_cmbench_malloc_glibc_leaves_the_defaults():
     assert got["kept"] > 5 * PAGES
 
 
-def test_a_bad_cmbench_malloc_is_one_line(monkeypatch):
+@pytest.mark.parametrize("applied_before", [False, True])
+def test_a_bad_cmbench_malloc_is_one_line(monkeypatch, applied_before):
+    monkeypatch.setattr(malloc, "_applied", applied_before)   # as after a trainer of this process set it
     monkeypatch.setenv(malloc.ENV, "jemalloc")
     with pytest.raises(ValueError, match=r"^CMBENCH_MALLOC='jemalloc' is not a valid value; valid: keep, glibc$"):
         malloc.keep_freed_memory()

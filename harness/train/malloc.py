@@ -39,7 +39,8 @@ def keep_freed_memory() -> bool:
     """Apply the thresholds once per process (glibc only, unless CMBENCH_MALLOC=glibc); returns whether
     they are in force."""
     global _applied
-    if _applied or malloc_choice() == "glibc":
+    choice = malloc_choice()            # checked on every call, also once applied
+    if _applied or choice == "glibc":
         return _applied
     mallopt = _glibc_mallopt()
     if mallopt is None:
